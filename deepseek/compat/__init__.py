@@ -1,0 +1,1 @@
+"""Checkpoint formats: the only place Hugging Face / DeepSeek checkpoint key names live."""

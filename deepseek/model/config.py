@@ -1,0 +1,188 @@
+"""R1Config: the DeepSeek-V3/R1 architecture config, plus this project's own fields.
+
+A real DeepSeek-V3 / R1 `config.json` (model_type "deepseek_v3", with `rope_scaling` or `rope_parameters`)
+loads as is. Impossible values raise a ValueError naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+ROPE_TYPES = ("default", "yarn", "linear")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+SCORING_FUNCS = ("sigmoid", "softmax")
+
+
+class R1Config(PretrainedConfig):
+    model_type = "deepseek_r1"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+
+    def __init__(
+        self,
+        vocab_size: int = 129280,
+        hidden_size: int = 7168,
+        intermediate_size: int = 18432,
+        moe_intermediate_size: int = 2048,
+        num_hidden_layers: int = 61,
+        num_nextn_predict_layers: int = 1,
+        num_attention_heads: int = 128,
+        num_key_value_heads: int | None = None,
+        n_shared_experts: int = 1,
+        n_routed_experts: int = 256,
+        ep_size: int = 1,
+        routed_scaling_factor: float = 2.5,
+        kv_lora_rank: int = 512,
+        q_lora_rank: int | None = 1536,
+        qk_rope_head_dim: int = 64,
+        v_head_dim: int = 128,
+        qk_nope_head_dim: int = 128,
+        topk_method: str = "noaux_tc",
+        n_group: int | None = 8,
+        topk_group: int | None = 4,
+        num_experts_per_tok: int = 8,
+        moe_layer_freq: int = 1,
+        first_k_dense_replace: int = 3,
+        norm_topk_prob: bool = True,
+        scoring_func: str = "sigmoid",
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 4096,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 0,
+        eos_token_id: int | list[int] | None = 1,
+        tie_word_embeddings: bool = False,
+        rope_theta: float | None = None,
+        rope_scaling: dict | None = None,
+        rope_parameters: dict | None = None,
+        rope_interleave: bool = True,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_nextn_predict_layers = num_nextn_predict_layers
+        self.num_attention_heads = num_attention_heads
+        # MLA has no grouped KV heads; the field exists in real configs and is kept for round trips.
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.n_shared_experts = n_shared_experts
+        self.n_routed_experts = n_routed_experts
+        self.ep_size = ep_size
+        self.routed_scaling_factor = routed_scaling_factor
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.topk_method = topk_method
+        self.n_group = n_group if n_group is not None else 1
+        self.topk_group = topk_group if topk_group is not None else self.n_group
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_layer_freq = moe_layer_freq
+        self.first_k_dense_replace = first_k_dense_replace
+        self.norm_topk_prob = norm_topk_prob
+        self.scoring_func = scoring_func
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_interleave = rope_interleave
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        # Derived sizes other libraries read (transformers' DeepseekV3 uses head_dim = rope dims).
+        kwargs.pop("qk_head_dim", None)
+        kwargs.pop("head_dim", None)
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.head_dim = qk_rope_head_dim
+        rope = normalize_rope(rope_parameters, rope_scaling, rope_theta, max_position_embeddings)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.rope_parameters = rope  # set after super(): the base class would rewrite it
+        self.validate_r1()
+
+    # ---------------------------------------------------------------- validation
+    def validate_r1(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "n_routed_experts", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
+            "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+        ]  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"R1Config.{name} must be a positive integer, got {value!r}")
+        for name in ("qk_nope_head_dim", "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"R1Config.{name} must be a non-negative integer, got {value!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise ValueError(f"R1Config.q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"R1Config.num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts "
+                f"({self.n_routed_experts})"
+            )
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"R1Config.n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}"
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(f"R1Config.topk_group={self.topk_group} must be in 1..n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * per_group:
+            raise ValueError(
+                f"R1Config.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts reachable in "
+                f"topk_group={self.topk_group} groups of {per_group}"
+            )
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"R1Config.topk_method={self.topk_method!r}; allowed: {', '.join(TOPK_METHODS)}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"R1Config.scoring_func={self.scoring_func!r}; allowed: {', '.join(SCORING_FUNCS)}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"R1Config.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"R1Config.hidden_act={self.hidden_act!r}; allowed: silu")
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+
+def normalize_rope(
+    rope_parameters: dict | None, rope_scaling: dict | None, rope_theta: float | None, max_pos: int
+) -> dict:
+    """One dict for every spelling of the rotary settings: rope_parameters (transformers 5), rope_scaling
+    (DeepSeek's config.json, with `type` or `rope_type`), and a top-level rope_theta."""
+    params = dict(rope_parameters or {})
+    if rope_scaling:
+        params.update(rope_scaling)
+    if "type" in params:
+        params.setdefault("rope_type", params.pop("type"))
+    params.setdefault("rope_type", "default")
+    theta = params.get("rope_theta", rope_theta if rope_theta is not None else 10000.0)
+    params["rope_theta"] = float(theta)
+    if params["rope_type"] not in ROPE_TYPES:
+        raise ValueError(f"R1Config.rope_scaling.type={params['rope_type']!r}; allowed: {', '.join(ROPE_TYPES)}")
+    if params["rope_type"] != "default":
+        factor = params.get("factor")
+        if factor is None or float(factor) <= 0:
+            raise ValueError(f"R1Config.rope_scaling.factor must be a positive number, got {factor!r}")
+        params["factor"] = float(factor)
+    if params["rope_type"] == "yarn":
+        params.setdefault("original_max_position_embeddings", max_pos)
+    return params

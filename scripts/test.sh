@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: sets everything up from nothing, lints, runs the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check deepseek tests benchmarks
+python -m pytest "$@"

@@ -1,0 +1,56 @@
+"""Tiny debug configs and the bridge to transformers' DeepseekV3ForCausalLM used by parity tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from deepseek import R1Config, R1ForCausalLM
+
+
+def tiny_config(q_lora: bool = True, groups: bool = True, yarn: bool = False, **overrides) -> R1Config:
+    kw = dict(
+        vocab_size=211, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, kv_lora_rank=32, q_lora_rank=48 if q_lora else None, qk_rope_head_dim=16,
+        v_head_dim=16, qk_nope_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=4 if groups else 1, topk_group=2 if groups else 1, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, max_position_embeddings=256, num_nextn_predict_layers=0,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )  # fmt: skip
+    if yarn:
+        kw["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
+    kw.update(overrides)
+    return R1Config(**kw)
+
+
+def random_model(config: R1Config, seed: int = 0) -> R1ForCausalLM:
+    torch.manual_seed(seed)
+    model = R1ForCausalLM(config).eval()
+    with torch.no_grad():  # make routing and biases non-trivial
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.uniform_(-0.05, 0.05)
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def hf_config(config: R1Config) -> DeepseekV3Config:
+    d = config.to_dict()
+    for k in ("model_type", "architectures", "transformers_version", "use_mtp", "qk_head_dim", "head_dim"):
+        d.pop(k, None)
+    allowed = set(DeepseekV3Config.__dataclass_fields__) if hasattr(DeepseekV3Config, "__dataclass_fields__") else None
+    d["num_key_value_heads"] = config.num_attention_heads
+    d["num_mtp_layers"] = d.pop("num_nextn_predict_layers")
+    if allowed:
+        d = {k: v for k, v in d.items() if k in allowed}
+    return DeepseekV3Config(**d)
+
+
+def to_transformers(model: R1ForCausalLM, tmp_path) -> DeepseekV3ForCausalLM:
+    """Our weights in transformers' implementation, via our save_pretrained (the real file round trip)."""
+    model.save_pretrained(tmp_path)
+    hf_config(model.config).save_pretrained(tmp_path)
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    return hf.eval()
