@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 ROPE_TYPES = ("default", "yarn", "linear")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
+KV_QUANT_BITS = (0, 2, 4, 8)
 
 
 class R1Config(PretrainedConfig):
@@ -60,6 +61,16 @@ class R1Config(PretrainedConfig):
         rope_interleave: bool = True,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
+        kv_compress: bool = False,
+        kv_block_size: int = 64,
+        kv_sink_blocks: int = 1,
+        kv_window: int = 512,
+        kv_topk_blocks: int = 16,
+        kv_quant_bits: int = 4,
+        kv_quant_group: int = 64,
+        kv_coarse: bool = True,
+        kv_offload: bool = False,
+        prefill_chunk: int = 1024,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -96,6 +107,17 @@ class R1Config(PretrainedConfig):
         self.rope_interleave = rope_interleave
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
+        # Hierarchical latent-cache compression (deepseek/model/longctx, docs/long_context.md).
+        self.kv_compress = kv_compress  # use CompressedLatentCache by default for long prompts
+        self.kv_block_size = kv_block_size  # tokens per block (summaries, selection, quantisation unit)
+        self.kv_sink_blocks = kv_sink_blocks  # first blocks kept at full precision (attention sinks)
+        self.kv_window = kv_window  # most recent tokens kept at full precision
+        self.kv_topk_blocks = kv_topk_blocks  # older blocks read in full per query tile (Quest/NSA selection)
+        self.kv_quant_bits = kv_quant_bits  # bits for older blocks' latent; 0 = keep full precision
+        self.kv_quant_group = kv_quant_group  # channels sharing one scale/zero
+        self.kv_coarse = kv_coarse  # unselected blocks still attended through their mean latent
+        self.kv_offload = kv_offload  # quantised blocks live in host memory, fetched when selected
+        self.prefill_chunk = prefill_chunk  # tokens per chunk in chunked prefill
         # Derived sizes other libraries read (transformers' DeepseekV3 uses head_dim = rope dims).
         kwargs.pop("qk_head_dim", None)
         kwargs.pop("head_dim", None)
@@ -154,6 +176,24 @@ class R1Config(PretrainedConfig):
             raise ValueError(f"R1Config.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.hidden_act != "silu":
             raise ValueError(f"R1Config.hidden_act={self.hidden_act!r}; allowed: silu")
+        self.validate_kv_compression()
+
+    def validate_kv_compression(self) -> None:
+        for name in ("kv_block_size", "kv_topk_blocks", "kv_quant_group", "prefill_chunk"):
+            value = getattr(self, name, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"R1Config.{name} must be a positive integer, got {value!r}")
+        for name in ("kv_sink_blocks", "kv_window"):
+            value = getattr(self, name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"R1Config.{name} must be a non-negative integer, got {value!r}")
+        if getattr(self, "kv_quant_bits", 4) not in KV_QUANT_BITS:
+            raise ValueError(f"R1Config.kv_quant_bits={self.kv_quant_bits!r}; allowed: 0 (off), 2, 4, 8")
+        group = getattr(self, "kv_quant_group", 64)
+        for name in ("kv_lora_rank", "qk_rope_head_dim"):
+            dim = getattr(self, name)
+            if dim % min(group, dim):
+                raise ValueError(f"R1Config.kv_quant_group={group} must divide {name}={dim} (or exceed it)")
 
     @property
     def num_dense_layers(self) -> int:

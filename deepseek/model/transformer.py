@@ -13,7 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .attention import MLAttention
 from .config import R1Config
-from .moe import MoE, Experts, Router
+from .moe import Experts, MoE, Router
 from .norm import MLP, RMSNorm
 from .rope import RotaryEmbedding
 
