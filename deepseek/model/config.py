@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 ROPE_TYPES = ("default", "yarn", "linear")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
+ROUTING_MODES = ("topk", "entropy", "top_p")  # see deepseek/model/routing.py
 KV_QUANT_BITS = (0, 2, 4, 8)
 
 
@@ -61,6 +62,14 @@ class R1Config(PretrainedConfig):
         rope_interleave: bool = True,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
+        routing_mode: str = "topk",
+        routing_k_min: int = 1,
+        routing_k_max: int | None = None,
+        routing_threshold: float | None = None,
+        routing_target_k: float | None = None,
+        routing_controller_rate: float = 0.05,
+        routing_entropy_weight: float = 0.0,
+        routing_layer_thresholds: list[float] | None = None,
         kv_compress: bool = False,
         kv_block_size: int = 64,
         kv_sink_blocks: int = 1,
@@ -107,6 +116,15 @@ class R1Config(PretrainedConfig):
         self.rope_interleave = rope_interleave
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
+        # Adaptive routing (deepseek/model/routing.py); "topk" is the plain DeepSeek-V3 router.
+        self.routing_mode = routing_mode
+        self.routing_k_min = routing_k_min
+        self.routing_k_max = routing_k_max if routing_k_max is not None else num_experts_per_tok
+        self.routing_threshold = routing_threshold
+        self.routing_target_k = routing_target_k
+        self.routing_controller_rate = routing_controller_rate
+        self.routing_entropy_weight = routing_entropy_weight
+        self.routing_layer_thresholds = routing_layer_thresholds
         # Hierarchical latent-cache compression (deepseek/model/longctx, docs/long_context.md).
         self.kv_compress = kv_compress  # use CompressedLatentCache by default for long prompts
         self.kv_block_size = kv_block_size  # tokens per block (summaries, selection, quantisation unit)
@@ -176,6 +194,40 @@ class R1Config(PretrainedConfig):
             raise ValueError(f"R1Config.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.hidden_act != "silu":
             raise ValueError(f"R1Config.hidden_act={self.hidden_act!r}; allowed: silu")
+        self.validate_routing()
+
+    def validate_routing(self) -> None:
+        if self.routing_mode not in ROUTING_MODES:
+            raise ValueError(f"R1Config.routing_mode={self.routing_mode!r}; allowed: {', '.join(ROUTING_MODES)}")
+        lo, hi = self.routing_k_min, self.routing_k_max
+        for name, value in (("routing_k_min", lo), ("routing_k_max", hi)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"R1Config.{name} must be a positive integer, got {value!r}")
+        reach = self.topk_group * (self.n_routed_experts // self.n_group) if self.n_group > 1 else self.n_routed_experts
+        if not lo <= hi <= reach:
+            raise ValueError(f"R1Config.routing_k_min={lo}, routing_k_max={hi}: need 1 <= k_min <= k_max <= {reach} "
+                             "(the experts reachable by the router)")  # fmt: skip
+        t = self.routing_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or t <= 0):
+            raise ValueError(f"R1Config.routing_threshold must be a positive number or null, got {t!r}")
+        if self.routing_mode == "top_p" and t is not None and t > 1:
+            raise ValueError(f"R1Config.routing_threshold={t} is a probability mass for routing_mode='top_p': "
+                             "use 0 < threshold <= 1")  # fmt: skip
+        tk = self.routing_target_k
+        if tk is not None and (isinstance(tk, bool) or not isinstance(tk, int | float) or not lo <= tk <= hi):
+            raise ValueError(f"R1Config.routing_target_k={tk!r} must be a number in routing_k_min..routing_k_max "
+                             f"({lo}..{hi})")  # fmt: skip
+        rate = self.routing_controller_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
+            raise ValueError(f"R1Config.routing_controller_rate must be a non-negative number, got {rate!r}")
+        w = self.routing_entropy_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
+            raise ValueError(f"R1Config.routing_entropy_weight must be a non-negative number, got {w!r}")
+        per_layer = self.routing_layer_thresholds
+        if per_layer is not None and (
+            not isinstance(per_layer, list | tuple) or not all(isinstance(v, int | float) and v > 0 for v in per_layer)
+        ):
+            raise ValueError(f"R1Config.routing_layer_thresholds must be a list of positive numbers, got {per_layer!r}")
         self.validate_kv_compression()
 
     def validate_kv_compression(self) -> None:

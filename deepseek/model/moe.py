@@ -10,6 +10,9 @@ experts' unbiased scores are normalised and scaled by routed_scaling_factor.
 Expert execution: assignments are sorted by expert and run as two grouped matmuls (`torch._grouped_mm`),
 no Python loop over experts; `experts_reference` is the plain per-expert loop kept as the oracle. A slot whose
 expert index is -1 is skipped, so a variable number of experts per token costs only what it uses.
+
+Adaptive routing (R1Config.routing_mode "entropy" / "top_p", deepseek/model/routing.py) replaces `select` by a
+variable-k choice when `Router.adaptive` is set; with routing_mode "topk" the plain path runs unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ class Router(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.adaptive = None  # routing.AdaptiveRouting when routing_mode != "topk"
+        if getattr(config, "routing_mode", "topk") != "topk":
+            from .routing import AdaptiveRouting
+
+            self.adaptive = AdaptiveRouting(config)
 
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Routing scores (N, E) in fp32."""
@@ -62,7 +70,10 @@ class Router(nn.Module):
 
     def forward(self, x_ND: torch.Tensor):
         scores = self.scores(x_ND)
-        idx, weights = self.select(scores)
+        if self.adaptive is not None:
+            idx, weights = self.adaptive(self, scores)  # variable k: unused slots are expert -1
+        else:
+            idx, weights = self.select(scores)
         return idx, weights, scores
 
 
@@ -135,12 +146,16 @@ class MoE(nn.Module):
             else None
         )
         self.last_routing = None  # (idx_NK, scores_NE) of the last forward, read by training losses/stats
+        self.routing_stats = None  # routing.RoutingStats while routing.track_routing is on
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         shape = x_BTD.shape
         x_ND = x_BTD.reshape(-1, shape[-1])
         idx, weights, scores = self.gate(x_ND)
         self.last_routing = (idx, scores)
+        if self.routing_stats is not None:
+            adaptive = self.gate.adaptive
+            self.routing_stats.update(idx, adaptive.last_entropy if adaptive is not None else None)
         out = self.experts(x_ND, idx, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_ND)
