@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS = [
     # (module, one-line help) -- module.add_parser(subparsers) registers the subcommand(s)
     "deepseek.cli_generate",
+    "deepseek.cli_tokenizer",
 ]
 
 

@@ -1,0 +1,37 @@
+"""Procedurally generated reasoning tasks with exact graders, shared by SFT data, evaluation and RL rewards.
+
+    from deepseek.tasks import get_task, format_reward
+    task = get_task("multiplication")
+    examples = task.generate(100, seed=0, difficulty=3)      # prompt, answer, reasoning, completion, messages
+    reward = task.grade(examples[0], completion)              # 1.0 if the answer after </think> is right
+    reward = task.grade(examples[0]["prompt"], completion)    # the prompt text alone is enough too
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .arithmetic import Addition, Multiplication, Subtraction
+from .base import Task, final_answer, format_reward, parse_int, sft_completion
+from .countdown import Countdown, evaluate
+from .passkey import Passkey, estimate_tokens
+
+# name -> factory; keyword arguments of get_task go to the factory (e.g. passkey tokenizer=..., filler=...)
+TASKS = {
+    "addition": Addition,
+    "subtraction": Subtraction,
+    "multiplication": Multiplication,
+    "countdown": Countdown,
+    "passkey": Passkey,
+    "passkey_multi": partial(Passkey, num_keys=4),
+}
+
+
+def get_task(name: str, **kwargs) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["TASKS", "Addition", "Countdown", "Multiplication", "Passkey", "Subtraction", "Task", "estimate_tokens",
+           "evaluate", "final_answer", "format_reward", "get_task", "parse_int", "sft_completion"]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Training: data loading and packing (data.py); the trainer and checkpoints live beside it."""
