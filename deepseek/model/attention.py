@@ -68,6 +68,8 @@ class MLAttention(nn.Module):
         kv_BTC, pe_BTR = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_BTC = self.kv_a_layernorm(kv_BTC)
         pe_BTR = apply_rope(pe_BTR, cos, sin, self.interleave)
+        if getattr(cache, "is_compressed", False):  # hierarchical compressed cache: deepseek/model/longctx
+            return self.o_proj(cache.attend(self, q_nope, q_pe, kv_BTC, pe_BTR, mask_BTS).flatten(2))
         if cache is not None:
             kv_BSC, pe_BSR = cache_update(cache, kv_BTC, pe_BTR, self.layer_idx)
         else:

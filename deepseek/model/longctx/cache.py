@@ -1,0 +1,304 @@
+"""CompressedLatentCache: a hierarchical MLA latent cache for 128K-token contexts.
+
+Legend: B batch, T new tokens, S attended positions, H heads, C kv_lora_rank, R qk_rope_head_dim,
+K = C + R (one cached "key" row), n sealed blocks, k selected blocks, X query tiles, t queries per tile,
+b block size (tokens), P packed bytes per token.
+
+Per layer, the positions 0..L-1 live in exactly one of three places:
+
+    [ sinks: first kv_sink_blocks blocks, full precision ]      always attended
+    [ sealed blocks: kv_quant_bits-bit latent + summaries ]     top-k per query tile read in full (dequantised),
+                                                                the rest through their mean latent (coarse)
+    [ recent: the last kv_window..kv_window+b tokens, full ]    always attended, causal
+
+A block is sealed (quantised, summarised) only once it has left the window, and only *after* the attention
+of the step that appended it, so every query sees its own chunk and the window at full precision.
+Scores are taken in the absorbed MLA form: q_lat . kv + q_pe . pe; the value is the latent kv itself, so a
+block's mean latent serves as both its coarse key and its coarse value. Block selection follows Quest: the
+upper bound of q . key over a block is sum_k max(q_k * max_k, q_k * min_k); bounds are softmaxed over blocks
+per query and head and summed over the tile's queries and all heads (MLA has one shared latent "KV head", so
+selection is shared across heads as NSA does for a GQA group).
+
+`reconstruct` (all positions in order) and `update` are the reference path: with kv_quant_bits=0 and
+kv_topk_blocks >= the number of blocks, `attend` equals plain attention over `reconstruct` (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .quant import Quantized, dequantize, quantize
+
+
+class LayerStore:
+    """One layer's compressed cache. Tensors are allocated once for max_len positions (static cache)."""
+
+    def __init__(self, cache: CompressedLatentCache, B: int, device, dtype):
+        c = cache
+        self.length = 0  # positions written
+        self.recent_start = 0  # first position held in the recent buffer
+        self.sink_filled = 0  # positions held in the sink buffer
+        self.n_blocks = 0  # sealed blocks
+        cap = c.window + 2 * c.block + c.chunk
+        self.recent_kv = torch.zeros(B, cap, c.C, device=device, dtype=dtype)
+        self.recent_pe = torch.zeros(B, cap, c.R, device=device, dtype=dtype)
+        self.sink_kv = torch.zeros(B, c.sink_len, c.C, device=device, dtype=dtype)
+        self.sink_pe = torch.zeros(B, c.sink_len, c.R, device=device, dtype=dtype)
+        n, b, K = c.max_blocks, c.block, c.C + c.R
+        sdt = c.summary_dtype
+        self.kmin = torch.zeros(B, n, K, device=device, dtype=sdt)
+        self.kmax = torch.zeros(B, n, K, device=device, dtype=sdt)
+        self.kmean = torch.zeros(B, n, K, device=device, dtype=sdt)
+        host = c.host_device
+        if c.bits:
+            def payload(dim):
+                g = min(c.group, dim)
+                return Quantized(
+                    torch.zeros(B, n, b, dim * c.bits // 8, device=host, dtype=torch.uint8),
+                    torch.zeros(B, n, b, dim // g, device=host, dtype=torch.float16),
+                    torch.zeros(B, n, b, dim // g, device=host, dtype=torch.float16),
+                    c.bits, g,
+                )  # fmt: skip
+
+            self.kv_q, self.pe_q = payload(c.C), payload(c.R)
+        else:
+            self.kv_full = torch.zeros(B, n, b, c.C, device=host, dtype=dtype)
+            self.pe_full = torch.zeros(B, n, b, c.R, device=host, dtype=dtype)
+
+
+class CompressedLatentCache:
+    is_compressed = True
+
+    def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32, layers=None,
+                 host_device=None):  # fmt: skip
+        n_layers = layers if layers is not None else config.num_hidden_layers
+        self.C, self.R = config.kv_lora_rank, config.qk_rope_head_dim
+        self.block = config.kv_block_size
+        self.sink_blocks = config.kv_sink_blocks
+        self.sink_len = self.sink_blocks * self.block
+        self.window = config.kv_window
+        self.topk = config.kv_topk_blocks
+        self.bits = config.kv_quant_bits
+        self.group = config.kv_quant_group
+        self.coarse = config.kv_coarse
+        self.chunk = config.prefill_chunk
+        self.max_len = max_len
+        self.max_blocks = max(0, math.ceil(max_len / self.block) - self.sink_blocks)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        offload = config.kv_offload
+        self.host_device = torch.device(host_device or "cpu") if offload else self.device
+        self.dtype = dtype
+        self.summary_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        self.store = [LayerStore(self, batch_size, self.device, dtype) for _ in range(n_layers)]
+
+    # ------------------------------------------------------------------ the cache interface
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.store[layer_idx].length
+
+    def crop(self, length: int) -> None:
+        """Forget positions >= length; only positions still in the recent buffer can be forgotten."""
+        for st in self.store:
+            if length < st.recent_start:
+                raise ValueError(f"cannot crop to {length}: positions below {st.recent_start} are already sealed")
+            st.length = min(st.length, length)
+
+    def update(self, kv_BTC: torch.Tensor, pe_BTR: torch.Tensor, layer_idx: int):
+        """Reference path (any attention): append, then return every position, dequantised, in order."""
+        self.append(kv_BTC, pe_BTR, layer_idx)
+        out = self.reconstruct(layer_idx)
+        self.seal(layer_idx)
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def append(self, kv_BTC: torch.Tensor, pe_BTR: torch.Tensor, layer_idx: int) -> None:
+        st = self.store[layer_idx]
+        T = kv_BTC.shape[1]
+        if st.length + T > self.max_len:
+            raise ValueError(f"CompressedLatentCache is full: {st.length + T} positions needed, {self.max_len} allocated")
+        start = st.length - st.recent_start
+        if start + T > st.recent_kv.shape[1]:  # a chunk larger than planned: grow the staging buffer
+            grow = start + T - st.recent_kv.shape[1]
+            st.recent_kv = torch.cat((st.recent_kv, st.recent_kv.new_zeros(st.recent_kv.shape[0], grow, self.C)), 1)
+            st.recent_pe = torch.cat((st.recent_pe, st.recent_pe.new_zeros(st.recent_pe.shape[0], grow, self.R)), 1)
+        st.recent_kv[:, start : start + T] = kv_BTC
+        st.recent_pe[:, start : start + T] = pe_BTR
+        st.length += T
+
+    def seal(self, layer_idx: int) -> None:
+        """Move every whole block that has left the window out of the recent buffer (sinks or sealed)."""
+        st, b = self.store[layer_idx], self.block
+        m = max(0, (st.length - self.window - st.recent_start) // b)
+        if m == 0:
+            return
+        kv_BMC = st.recent_kv[:, : m * b]
+        pe_BMR = st.recent_pe[:, : m * b]
+        first = st.recent_start // b
+        n_sink = max(0, min(m, self.sink_blocks - first))
+        if n_sink:
+            lo, hi = first * b, (first + n_sink) * b
+            st.sink_kv[:, lo:hi] = kv_BMC[:, : n_sink * b]
+            st.sink_pe[:, lo:hi] = pe_BMR[:, : n_sink * b]
+            st.sink_filled = hi
+        if m > n_sink:
+            kv = kv_BMC[:, n_sink * b :].unflatten(1, (-1, b))  # (B, m', b, C)
+            pe = pe_BMR[:, n_sink * b :].unflatten(1, (-1, b))  # (B, m', b, R)
+            lo, hi = st.n_blocks, st.n_blocks + kv.shape[1]
+            keys = torch.cat((kv, pe), dim=-1)  # (B, m', b, K)
+            st.kmin[:, lo:hi] = keys.amin(2).to(self.summary_dtype)
+            st.kmax[:, lo:hi] = keys.amax(2).to(self.summary_dtype)
+            st.kmean[:, lo:hi] = keys.mean(2).to(self.summary_dtype)
+            if self.bits:
+                for dst, src in ((st.kv_q, kv), (st.pe_q, pe)):
+                    q = quantize(src, self.bits, dst.group)
+                    dst.packed[:, lo:hi] = q.packed.to(self.host_device)
+                    dst.step[:, lo:hi] = q.step.to(self.host_device)
+                    dst.low[:, lo:hi] = q.low.to(self.host_device)
+            else:
+                st.kv_full[:, lo:hi] = kv.to(self.host_device)
+                st.pe_full[:, lo:hi] = pe.to(self.host_device)
+            st.n_blocks = hi
+        keep = st.length - st.recent_start - m * b
+        st.recent_kv[:, :keep] = st.recent_kv[:, m * b : m * b + keep].clone()
+        st.recent_pe[:, :keep] = st.recent_pe[:, m * b : m * b + keep].clone()
+        st.recent_start += m * b
+
+    # ------------------------------------------------------------------ reading
+    def fetch(self, layer_idx: int, idx: torch.Tensor):
+        """Selected sealed blocks idx (B, X, k) -> full-width latent (B, X, k*b, C), (B, X, k*b, R)."""
+        st = self.store[layer_idx]
+        B = idx.shape[0]
+        rows = torch.arange(B, device=self.host_device)[:, None, None]
+        idx = idx.to(self.host_device)
+        if self.bits:
+            out = []
+            for q in (st.kv_q, st.pe_q):
+                part = Quantized(q.packed[rows, idx], q.step[rows, idx], q.low[rows, idx], q.bits, q.group)
+                part = Quantized(*(p.to(self.device) for p in (part.packed, part.step, part.low)), q.bits, q.group)
+                out.append(dequantize(part, self.dtype).flatten(2, 3))  # (B, X, k*b, C|R)
+            return out[0], out[1]
+        kv = st.kv_full[rows, idx].to(self.device).flatten(2, 3)
+        pe = st.pe_full[rows, idx].to(self.device).flatten(2, 3)
+        return kv, pe
+
+    def reconstruct(self, layer_idx: int):
+        """Every cached position in order, dequantised: (B, L, C), (B, L, R)."""
+        st = self.store[layer_idx]
+        B = st.recent_kv.shape[0]
+        kv = [st.sink_kv[:, : st.sink_filled]]
+        pe = [st.sink_pe[:, : st.sink_filled]]
+        if st.n_blocks:
+            idx = torch.arange(st.n_blocks, device=self.device)[None, None].expand(B, 1, -1)
+            bkv, bpe = self.fetch(layer_idx, idx)
+            kv.append(bkv[:, 0])
+            pe.append(bpe[:, 0])
+        n = st.length - st.recent_start
+        kv.append(st.recent_kv[:, :n])
+        pe.append(st.recent_pe[:, :n])
+        return torch.cat(kv, 1), torch.cat(pe, 1)
+
+    def select_blocks(self, q_BXtHK: torch.Tensor, layer_idx: int, scale: float, valid_Xt=None):
+        """Quest-style top-k sealed blocks per query tile. q (B, X, t, H, K) -> idx (B, X, k)."""
+        st = self.store[layer_idx]
+        n = st.n_blocks
+        kmax = st.kmax[:, :n].to(q_BXtHK.dtype)  # (B, n, K)
+        kmin = st.kmin[:, :n].to(q_BXtHK.dtype)
+        bound = torch.einsum("bxthk,bnk->bxthn", q_BXtHK.clamp(min=0), kmax)
+        bound = bound + torch.einsum("bxthk,bnk->bxthn", q_BXtHK.clamp(max=0), kmin)
+        importance = (bound * scale).softmax(-1, dtype=torch.float32)  # (B, X, t, H, n)
+        if valid_Xt is not None:
+            importance = importance * valid_Xt[None, :, :, None, None]
+        importance = importance.sum((2, 3))  # (B, X, n)
+        return importance.topk(min(self.topk, n), dim=-1).indices
+
+    def attend(self, attn, q_nope_BTHN, q_pe_BTHR, kv_BTC, pe_BTR, mask_BTS=None) -> torch.Tensor:
+        """MLAttention's compressed path: append the new latent, attend, seal. Returns (B, T, H, V)."""
+        if mask_BTS is not None and not bool(mask_BTS[:, -1].all()):
+            raise ValueError("CompressedLatentCache does not take padded batches; run rows of equal length")
+        layer = attn.layer_idx
+        H, N, C = attn.n_heads, attn.nope_dim, attn.kv_lora_rank
+        w = attn.kv_b_proj.weight.view(H, N + attn.v_dim, C)
+        w_uk_HNC, w_uv_HVC = w[:, :N], w[:, N:]
+        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
+        self.append(kv_BTC, pe_BTR, layer)
+        out_lat_BTHC = self.attend_latent(q_lat_BTHC, q_pe_BTHR, layer, attn.scale)
+        self.seal(layer)
+        return torch.einsum("bthc,hvc->bthv", out_lat_BTHC, w_uv_HVC)
+
+    def attend_latent(self, q_lat_BTHC, q_pe_BTHR, layer_idx: int, scale: float) -> torch.Tensor:
+        """Softmax over sinks + selected blocks + coarse block means + recent, jointly. Returns (B, T, H, C)."""
+        st = self.store[layer_idx]
+        B, T, H, C = q_lat_BTHC.shape
+        t = min(T, self.block)
+        X = math.ceil(T / t)
+        pad = X * t - T
+        q_BTHK = torch.cat((q_lat_BTHC, q_pe_BTHR), dim=-1)
+        if pad:
+            q_BTHK = torch.cat((q_BTHK, q_BTHK.new_zeros(B, pad, H, q_BTHK.shape[-1])), dim=1)
+        q_BXtHK = q_BTHK.view(B, X, t, H, -1)
+        scores, values = [], []  # scores (B, H, X, t, S_part); values: (shared (B,S,C) or per tile (B,X,S,C))
+
+        def shared(kv_BSC, pe_BSR):
+            k_BSK = torch.cat((kv_BSC, pe_BSR), dim=-1)
+            return torch.einsum("bxthk,bsk->bhxts", q_BXtHK, k_BSK) * scale
+
+        if st.sink_filled:
+            kv, pe = st.sink_kv[:, : st.sink_filled], st.sink_pe[:, : st.sink_filled]
+            scores.append(shared(kv, pe))
+            values.append(("shared", kv))
+        if st.n_blocks:
+            valid = None
+            if pad:
+                valid = (torch.arange(X * t, device=q_BTHK.device) < T).to(q_BTHK.dtype).view(X, t)
+            idx_BXk = self.select_blocks(q_BXtHK, layer_idx, scale, valid)
+            kv, pe = self.fetch(layer_idx, idx_BXk)  # (B, X, k*b, C), (B, X, k*b, R)
+            k_BXSK = torch.cat((kv, pe), dim=-1)
+            scores.append(torch.einsum("bxthk,bxsk->bhxts", q_BXtHK, k_BXSK) * scale)
+            values.append(("tiled", kv))
+            if self.coarse and st.n_blocks > idx_BXk.shape[-1]:
+                mean_BnK = st.kmean[:, : st.n_blocks].to(q_BTHK.dtype)
+                s = torch.einsum("bxthk,bnk->bhxtn", q_BXtHK, mean_BnK) * scale + math.log(self.block)
+                chosen_BXn = torch.zeros(B, X, st.n_blocks, dtype=torch.bool, device=s.device)
+                chosen_BXn.scatter_(2, idx_BXk, True)
+                s = s.masked_fill(chosen_BXn[:, None, :, None, :], float("-inf"))
+                scores.append(s)
+                values.append(("shared", mean_BnK[..., :C]))
+        n = st.length - st.recent_start
+        kv, pe = st.recent_kv[:, :n], st.recent_pe[:, :n]
+        s = shared(kv, pe)
+        q_pos = torch.arange(st.length - T, st.length - T + X * t, device=s.device).view(X, t, 1)
+        k_pos = torch.arange(st.recent_start, st.length, device=s.device)
+        scores.append(s.masked_fill(k_pos > q_pos, float("-inf")))
+        values.append(("shared", kv))
+
+        probs = torch.cat(scores, dim=-1).softmax(dim=-1, dtype=torch.float32).to(q_lat_BTHC.dtype)
+        out_BXtHC = q_lat_BTHC.new_zeros(B, X, t, H, C)
+        offset = 0
+        for s, (kind, v) in zip(scores, values):
+            p = probs[..., offset : offset + s.shape[-1]]
+            offset += s.shape[-1]
+            if kind == "shared":
+                out_BXtHC += torch.einsum("bhxts,bsc->bxthc", p, v)
+            else:
+                out_BXtHC += torch.einsum("bhxts,bxsc->bxthc", p, v)
+        return out_BXtHC.flatten(1, 2)[:, :T]
+
+    # ------------------------------------------------------------------ accounting
+    def memory(self) -> dict:
+        """Bytes allocated, split by where they live: device (sinks, recent, summaries) and host (payload)."""
+        full = summaries = payload = 0
+        for st in self.store:
+            full += sum(x.nbytes for x in (st.recent_kv, st.recent_pe, st.sink_kv, st.sink_pe))
+            summaries += st.kmin.nbytes + st.kmax.nbytes + st.kmean.nbytes
+            if self.bits:
+                payload += st.kv_q.nbytes() + st.pe_q.nbytes()
+            else:
+                payload += st.kv_full.nbytes + st.pe_full.nbytes
+        offloaded = self.host_device != self.device
+        device = full + summaries + (0 if offloaded else payload)
+        return {"full_precision": full, "summaries": summaries, "payload": payload, "device": device,
+                "host": payload if offloaded else 0, "total": full + summaries + payload}  # fmt: skip
+
+    def nbytes(self) -> int:
+        return self.memory()["total"]

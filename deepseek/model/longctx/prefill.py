@@ -1,0 +1,111 @@
+"""Chunked prefill with bounded memory, cache construction from the config, YaRN context extension.
+
+Legend: B batch, T prompt tokens, V vocab.
+
+    cache = make_cache(model.config, batch=1, max_len=T + 64)        # compressed when config.kv_compress
+    logits_BV = chunked_prefill(model, ids_BT, cache)                 # chunks of config.prefill_chunk tokens
+    out = generate_long(model, ids_BT, max_new_tokens=8)              # both, then greedy decode
+
+Activation memory per chunk is O(chunk * attended) instead of O(T^2): with the compressed cache the attended
+set per query tile is bounded (sinks + top-k blocks + block means + window), so peak memory grows only with
+the cache itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import LatentCache
+from ..rope import RotaryEmbedding, softmax_scale
+from .cache import CompressedLatentCache
+
+
+def make_cache(config, batch: int, max_len: int, compressed: bool | None = None, device=None, dtype=torch.float32):
+    """The cache the config asks for: CompressedLatentCache when kv_compress (or compressed=True)."""
+    use = config.kv_compress if compressed is None else compressed
+    cls = CompressedLatentCache if use else LatentCache
+    return cls(config, batch, max_len, device=device, dtype=dtype)
+
+
+@torch.inference_mode()
+def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress: bool = False,
+                    start_position: int = 0) -> torch.Tensor:  # fmt: skip
+    """Feed input_ids (B, T) through the model `chunk` tokens at a time, filling `cache`. Returns the last
+    position's logits (B, V). Positions continue from cache.get_seq_length() + start_position."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+    chunk = chunk or model.config.prefill_chunk
+    if chunk <= 0:
+        raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
+    B, T = input_ids.shape
+    past = cache.get_seq_length()
+    if past + T > cache.max_len:
+        raise ValueError(f"prompt needs {past + T} cache positions, the cache holds {cache.max_len}")
+    bar = tqdm(total=T, unit="tok", desc="prefill", disable=not progress, leave=False)
+    h = None
+    for s in range(0, T, chunk):
+        ids = input_ids[:, s : s + chunk]
+        pos = torch.arange(past + s, past + s + ids.shape[1], device=ids.device)[None].expand(B, -1)
+        h = model.model(input_ids=ids, position_ids=pos + start_position, cache=cache).last_hidden_state
+        bar.update(ids.shape[1])
+    bar.close()
+    return model.lm_head(h[:, -1])
+
+
+@dataclass
+class LongGenerateOutput:
+    tokens: torch.Tensor  # (B, n) generated tokens
+    prefill_seconds: float
+    decode_seconds_per_token: float
+    cache: object
+
+
+@torch.inference_mode()
+def generate_long(model, input_ids, max_new_tokens: int = 16, compressed: bool | None = None,
+                  chunk: int | None = None, progress: bool = False, stop_ids=()) -> LongGenerateOutput:  # fmt: skip
+    """Greedy generation after a chunked prefill, on the cache the config (or `compressed`) asks for."""
+    B, T = input_ids.shape
+    dtype = next(model.parameters()).dtype
+    cache = make_cache(model.config, B, T + max_new_tokens, compressed, input_ids.device, dtype)
+    t0 = time.perf_counter()
+    logits = chunked_prefill(model, input_ids, cache, chunk, progress)
+    t1 = time.perf_counter()
+    out = []
+    for i in range(max_new_tokens):
+        tok = logits.argmax(-1)
+        out.append(tok)
+        if i == max_new_tokens - 1 or (B == 1 and int(tok) in stop_ids):
+            break
+        pos = torch.full((B, 1), T + i, device=input_ids.device)
+        h = model.model(input_ids=tok[:, None], position_ids=pos, cache=cache).last_hidden_state
+        logits = model.lm_head(h[:, -1])
+    t2 = time.perf_counter()
+    steps = max(1, len(out) - 1)
+    return LongGenerateOutput(torch.stack(out, 1), t1 - t0, (t2 - t1) / steps, cache)
+
+
+def extend_context(model, max_len: int, original: int | None = None) -> None:
+    """YaRN position scaling so `max_len` positions fit a model trained on `original` (default: the config's
+    max_position_embeddings). Rebuilds the rotary table and the softmax scale in place; updates the config."""
+    config = model.config
+    original = original or config.rope_parameters.get("original_max_position_embeddings") or (
+        config.max_position_embeddings
+    )
+    factor = max_len / original
+    if factor <= 1:
+        return
+    rope = dict(config.rope_parameters)
+    rope.update(rope_type="yarn", factor=float(factor), original_max_position_embeddings=original)
+    rope.setdefault("beta_fast", 32)
+    rope.setdefault("beta_slow", 1)
+    config.rope_parameters = rope
+    config.max_position_embeddings = max_len
+    backbone = model.model
+    device = backbone.embed_tokens.weight.device
+    backbone.rotary_emb = RotaryEmbedding(rope, config.qk_rope_head_dim, config.rope_interleave).to(device)
+    for layer in backbone.layers:
+        layer.self_attn.scale = softmax_scale(rope, layer.self_attn.qk_dim)
