@@ -1,0 +1,365 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI).
+
+    app = create_app(engine, billing=Billing("sqlite:///serve.db"), auth=True)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: GET / (playground), /health, /metrics, /v1/models; POST /v1/chat/completions, /v1/completions.
+Every error is {"error": {message, type, param, code}} with a 4xx status for anything a client can send wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .billing import AuthError, Billing, RateLimiter, Tier, default_tiers
+from .engine import Engine, QueueFull
+from .loading import chat_prompt_ids
+from .metering import Metrics, RequestRecord, UsageWriter
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .responses import chat_chunk, chat_response, completion_response, sse, usage_body
+from .sequence import Output, SamplingParams
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+FAIL_STATUS = {"timeout": (504, "timeout", "the request timed out"),
+               "error": (500, "engine_error", "generation failed"),
+               "cancelled": (499, "cancelled", "the request was cancelled")}  # fmt: skip
+
+
+@dataclass
+class Caller:
+    key_id: int | None
+    tier: Tier
+
+
+class Server:
+    """State shared by the routes (no module-level globals)."""
+
+    def __init__(self, engine: Engine, billing: Billing | None, auth: bool, request_timeout_s: float | None):
+        if auth and billing is None:
+            raise ValueError("authentication needs a billing database (pass billing=Billing(url))")
+        self.engine, self.billing, self.auth = engine, billing, auth
+        self.tiers = billing.tiers if billing else default_tiers()
+        self.limiter = RateLimiter()
+        self.metrics = Metrics()
+        self.writer = UsageWriter(billing) if billing else None
+        self.request_timeout_s = request_timeout_s
+
+    def caller(self, request: Request) -> Caller:
+        if not self.auth:
+            return Caller(None, self.tiers["basic"])
+        header = request.headers.get("authorization", "")
+        secret = header[7:].strip() if header.lower().startswith("bearer ") else None
+        try:
+            key = self.billing.authenticate(secret)
+            tier = self.tiers[key.tier]
+            self.limiter.check_and_count(key.id, tier)
+        except AuthError as exc:
+            raise APIError(exc.status, str(exc), exc.code) from None
+        return Caller(key.id, tier)
+
+    def check_model(self, name: str) -> None:
+        if name not in (self.engine.model_name, "default"):
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{self.engine.model_name!r}", "model_not_found", "model")  # fmt: skip
+
+    def params(self, req, max_tokens: int, prompt_len: int, logprobs=None, prompt_logprobs=None) -> SamplingParams:
+        limit = self.engine.max_model_len
+        if prompt_len + max_tokens > limit:
+            what = "the prompt" if prompt_len >= limit else "the prompt plus max_tokens"
+            raise APIError(400, f"{what} ({prompt_len} + {max_tokens} tokens) exceeds the context length "
+                           f"({limit} tokens)", "context_length_exceeded", "messages")  # fmt: skip
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                              top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+                              stop=req.stop_list(), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              timeout_s=self.request_timeout_s)  # fmt: skip
+
+    def start(self, record: RequestRecord, prompts: list[list[int]], params: list[SamplingParams]):
+        """Submit every sequence; returns (asyncio queue of (index, Output), sequences)."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        seqs = []
+
+        def listener_for(i):
+            def listener(out: Output):
+                if out.finish_reason is not None:
+                    record.on_final(out)
+                loop.call_soon_threadsafe(q.put_nowait, (i, out))
+
+            return listener
+
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            try:
+                seqs.append(self.engine.submit(ids, p, listener_for(i), request_id=f"{record.request_id}-{i}"))
+            except (QueueFull, ValueError) as exc:
+                for s in seqs:
+                    self.engine.cancel(s)
+                for _ in range(len(prompts) - i):
+                    record.sequence_never_started()
+                if isinstance(exc, QueueFull):
+                    raise APIError(503, str(exc), "server_overloaded") from None
+                raise APIError(400, str(exc), "invalid_value") from None
+        return q, seqs
+
+
+def create_app(engine: Engine, billing: Billing | None = None, auth: bool = False,
+               request_timeout_s: float | None = 600.0) -> FastAPI:  # fmt: skip
+    server = Server(engine, billing, auth, request_timeout_s)
+    app = FastAPI(title="DeepSeek-R1 OpenAI-compatible API", version="1.0")
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        else:
+            msg, param = f"{'.'.join(loc) or 'body'}: {first.get('msg')}", ".".join(loc) or None
+        return JSONResponse(APIError(400, msg, "invalid_request", param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        body = APIError(500, f"internal error: {type(exc).__name__}", "internal_error", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.middleware("http")
+    async def reject_bad_bodies(request: Request, call_next):
+        if request.method == "POST":
+            body = await request.body()
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                return JSONResponse(APIError(400, "the request body is not valid UTF-8", "invalid_encoding").body(),
+                                    status_code=400)  # fmt: skip
+        return await call_next(request)
+
+    def caller(request: Request) -> Caller:
+        return server.caller(request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground():
+        return HTMLResponse((WEB_DIR / "index.html").read_text())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.model_name, **engine.load()}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        load = engine.load()
+        server.metrics.queue_depth.set(load["waiting"])
+        server.metrics.running.set(load["running"])
+        server.metrics.free_slots.set(load["free_slots"])
+        return Response(generate_latest(server.metrics.registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(who: Caller = Depends(caller)):
+        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
+                                            "owned_by": "deepseek", "max_model_len": engine.max_model_len}]}  # fmt: skip
+
+    @app.get("/v1/pricing")
+    async def pricing():
+        return {name: {"usd_per_1k_tokens": t.usd_per_1k_tokens, "rpm": t.rpm, "tpm": t.tpm}
+                for name, t in server.tiers.items()}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request, who: Caller = Depends(caller)):
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        record = RequestRecord(rid, "chat", req.model, who.key_id, who.tier, req.n, server.writer,
+                               server.metrics, server.limiter)  # fmt: skip
+        try:
+            server.check_model(req.model)
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = chat_prompt_ids(engine.tokenizer, messages)
+            max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
+            params = server.params(req, max_tokens, len(ids), logprobs=0 if req.logprobs else None)
+            params_n = [_seeded(params, req.seed, i) for i in range(req.n)]
+            q, seqs = server.start(record, [ids] * req.n, params_n)
+        except APIError:
+            record.pending = 0
+            record.finish("rejected")
+            raise
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            gen = _chat_stream(engine, record, q, seqs, rid, created, req.model, req.n, include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        outs = await _collect(engine, request, q, seqs, req.n)
+        _raise_failure(outs)
+        return chat_response(rid, created, req.model, outs, record.totals())
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request, who: Caller = Depends(caller)):
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        prompts = _prompt_list(req.prompt)
+        record = RequestRecord(rid, "completions", req.model, who.key_id, who.tier, req.n * len(prompts),
+                               server.writer, server.metrics, server.limiter)  # fmt: skip
+        try:
+            server.check_model(req.model)
+            ids_list = [p if isinstance(p, list) else engine.tokenizer.encode(p) for p in prompts]
+            if any(len(ids) == 0 for ids in ids_list):
+                raise APIError(400, "prompt: an empty prompt has nothing to complete", "invalid_value", "prompt")
+            max_tokens = 16 if req.max_tokens is None else req.max_tokens
+            if max_tokens == 0 and not req.echo:
+                raise APIError(400, "max_tokens: 0 is only meaningful with echo=true", "invalid_value", "max_tokens")
+            all_ids, all_params = [], []
+            for ids in ids_list:
+                p = server.params(req, max_tokens, len(ids), logprobs=req.logprobs,
+                                  prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+                for i in range(req.n):
+                    all_ids.append(ids)
+                    all_params.append(_seeded(p, req.seed, i))
+            q, seqs = server.start(record, all_ids, all_params)
+        except APIError:
+            record.pending = 0
+            record.finish("rejected")
+            raise
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            gen = _completion_stream(engine, record, q, seqs, rid, created, req.model, include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        outs = await _collect(engine, request, q, seqs, len(seqs))
+        _raise_failure(outs)
+        return completion_response(engine.tokenizer, rid, created, req.model, outs, all_ids, req.echo,
+                                   req.logprobs, record.totals())  # fmt: skip
+
+    @app.on_event("shutdown")
+    async def shutdown():
+        if server.writer:
+            server.writer.flush()
+
+    return app
+
+
+def _seeded(p: SamplingParams, seed: int | None, i: int) -> SamplingParams:
+    if i == 0 and seed is None:
+        return p
+    return SamplingParams(**{**p.__dict__, "seed": None if seed is None else seed + i, "stop": list(p.stop)})
+
+
+def _prompt_list(prompt) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: must not be empty", "invalid_value", "prompt")
+    return list(prompt)
+
+
+async def _collect(engine: Engine, request: Request, q: asyncio.Queue, seqs, n: int) -> list[Output]:
+    """Wait for all sequences; cancel them if the client goes away."""
+    totals = [Output(request_id=s.request_id) for s in seqs]
+    finished = 0
+    try:
+        while finished < n:
+            try:
+                i, out = await asyncio.wait_for(q.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError from None
+                continue
+            t = totals[i]
+            t.text += out.text
+            t.reasoning += out.reasoning
+            t.token_ids += out.token_ids
+            t.logprobs += out.logprobs
+            t.prompt_logprobs = t.prompt_logprobs or out.prompt_logprobs
+            if out.finish_reason is not None:
+                for k in ("finish_reason", "error", "prompt_tokens", "completion_tokens", "reasoning_tokens"):
+                    setattr(t, k, getattr(out, k))
+                finished += 1
+    finally:
+        for s in seqs:
+            if s.finish_reason is None:
+                engine.cancel(s)
+    return totals
+
+
+def _raise_failure(outs: list[Output]) -> None:
+    for o in outs:
+        if o.finish_reason in FAIL_STATUS:
+            status, code, msg = FAIL_STATUS[o.finish_reason]
+            raise APIError(status, f"{msg}" + (f": {o.error}" if o.error else ""), code)
+
+
+async def _chat_stream(engine, record, q, seqs, rid, created, model, n, include_usage):
+    try:
+        for i in range(n):
+            yield sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}))
+        finished = 0
+        while finished < n:
+            i, out = await q.get()
+            delta = {}
+            if out.reasoning:
+                delta["reasoning_content"] = delta["reasoning"] = out.reasoning
+            if out.text:
+                delta["content"] = out.text
+            if out.finish_reason in FAIL_STATUS:
+                status, code, msg = FAIL_STATUS[out.finish_reason]
+                yield sse(APIError(status, msg, code).body())
+                finished += 1
+                continue
+            if delta or out.finish_reason:
+                yield sse(chat_chunk(rid, created, model, i, delta, _openai_reason(out.finish_reason)))
+            finished += out.finish_reason is not None
+        if include_usage:
+            yield sse(chat_chunk(rid, created, model, None, None, usage=record.totals()))
+        yield "data: [DONE]\n\n"
+    finally:
+        for s in seqs:  # client gone or stream done: stop what still runs, free its cache slot
+            if s.finish_reason is None:
+                engine.cancel(s)
+
+
+async def _completion_stream(engine, record, q, seqs, rid, created, model, include_usage):
+    try:
+        finished = 0
+        while finished < len(seqs):
+            i, out = await q.get()
+            if out.finish_reason in FAIL_STATUS:
+                status, code, msg = FAIL_STATUS[out.finish_reason]
+                yield sse(APIError(status, msg, code).body())
+                finished += 1
+                continue
+            text = out.reasoning + out.text
+            if text or out.finish_reason:
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [{"index": i, "text": text, "logprobs": None,
+                                        "finish_reason": _openai_reason(out.finish_reason)}]})  # fmt: skip
+            finished += out.finish_reason is not None
+        if include_usage:
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                       "usage": usage_body(record.totals())})  # fmt: skip
+        yield "data: [DONE]\n\n"
+    finally:
+        for s in seqs:
+            if s.finish_reason is None:
+                engine.cancel(s)
+
+
+def _openai_reason(reason: str | None) -> str | None:
+    return reason if reason in (None, "stop", "length") else "stop"
+
+
+__all__ = ["create_app", "Server"]

@@ -1,0 +1,86 @@
+"""ModelRunner: the model forward passes the engine schedules, on the slot cache, plus per-row sampling.
+
+Legend: B running sequences in a step, T prompt tokens, S attended positions, V vocab, K top logprobs.
+
+Reference path: `deepseek.model.generate.generate` (one static batch). The runner must produce the same greedy
+tokens for each sequence as that function does for the sequence alone; tests/test_serve_engine.py checks it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.generate import sample
+from .kv_cache import SlotCache
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, num_slots: int, max_len: int):
+        self.model = model
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.cache = SlotCache(model.config, num_slots, max_len, device=self.device, dtype=dtype)
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> None:
+        """Run the prompt into seq's slot; leave the next-token logits in seq.pending_logits (V,)."""
+        view = self.cache.prefill_view(seq.slot)
+        ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
+        pos_1T = torch.arange(ids_1T.shape[1], device=self.device)[None]
+        h_1TD = self.model.model(input_ids=ids_1T, position_ids=pos_1T, cache=view).last_hidden_state
+        k = seq.params.prompt_logprobs
+        if k is not None:
+            logits_TV = self.model.lm_head(h_1TD[0])
+            seq.prompt_logprobs = prompt_logprobs(logits_TV, seq.prompt_ids, k)
+            seq.pending_logits = logits_TV[-1]
+        else:
+            seq.pending_logits = self.model.lm_head(h_1TD[0, -1])
+        view.commit(ids_1T.shape[1])
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> None:
+        """Feed each sequence's last token, all in one batch; set each seq.pending_logits (V,)."""
+        view = self.cache.decode_view([s.slot for s in seqs])
+        tokens_B1 = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        h = self.model.model(input_ids=tokens_B1, attention_mask=view.attention_mask,
+                             position_ids=view.position_ids, cache=view).last_hidden_state  # fmt: skip
+        logits_BV = self.model.lm_head(h[:, -1])
+        view.commit()
+        for s, row in zip(seqs, logits_BV):
+            s.pending_logits = row
+
+    @torch.inference_mode()
+    def sample(self, seqs: list[Sequence]) -> list[int]:
+        """One token per sequence from its pending logits (greedy rows in one argmax)."""
+        logits_BV = torch.stack([s.pending_logits for s in seqs])
+        out = logits_BV.argmax(-1).tolist()
+        for b, s in enumerate(seqs):
+            p = s.params
+            if p.temperature > 0:
+                if p.seed is not None and s.generator is None:
+                    s.generator = torch.Generator(device=self.device).manual_seed(p.seed)
+                out[b] = int(sample(logits_BV[b : b + 1], p.temperature, p.top_p, p.top_k, s.generator)[0])
+            if p.logprobs is not None:
+                lp = logits_BV[b].float().log_softmax(-1)
+                top = lp.topk(p.logprobs) if p.logprobs > 0 else None
+                s.new_logprobs = (float(lp[out[b]]), _top_dict(top))
+            s.pending_logits = None
+        return out
+
+
+def _top_dict(top) -> dict[int, float]:
+    return {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
+
+
+def prompt_logprobs(logits_TV: torch.Tensor, ids: list[int], k: int) -> list:
+    """[None] + for each later prompt token: (its logprob given the prefix, top-k {id: logprob})."""
+    lp_TV = logits_TV[:-1].float().log_softmax(-1)
+    target = torch.tensor(ids[1:], device=lp_TV.device)
+    chosen = lp_TV.gather(1, target[:, None])[:, 0].tolist()
+    out = [None]
+    top = lp_TV.topk(max(k, 1), dim=-1)
+    for t in range(len(ids) - 1):
+        d = dict(zip(top.indices[t].tolist(), top.values[t].tolist())) if k > 0 else {}
+        out.append((chosen[t], d))
+    return out
