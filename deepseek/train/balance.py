@@ -1,0 +1,107 @@
+"""DeepSeek-V3 load balancing for training: the auxiliary-loss-free bias update and the sequence-wise
+auxiliary loss.
+
+Legend: N tokens (B*T flattened), B sequences, T tokens per sequence, E routed experts, K experts per token.
+
+- Bias update (DeepSeek-V3 sec. 2.1.2): after each optimizer step, every router's `e_score_correction_bias`
+  moves by `gamma` towards balance: b_i += gamma * sign(mean_load - load_i). The bias only affects which
+  experts are *selected*, never the combine weights, so it steers load without a gradient term.
+- Sequence-wise auxiliary loss (eq. 17-20): per sequence, f_i = E / (K T) * #tokens routed to i and
+  P_i = mean over tokens of the normalised score s_i / sum_j s_j; L = alpha * mean_b sum_i f_i P_i.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..model.moe import MoE
+
+
+def moe_layers(model) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+class LoadTracker:
+    """Counts tokens per expert for every MoE layer over all forwards since the last `reset` (so every
+    micro-batch of an accumulated step counts). Forward hooks only read `last_routing`: no model change."""
+
+    def __init__(self, model):
+        self.layers = moe_layers(model)
+        self.counts = [torch.zeros(m.experts.num_experts, dtype=torch.float64) for m in self.layers]
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            if not module.training:
+                return
+            idx_NK = module.last_routing[0]
+            flat = idx_NK.reshape(-1)
+            flat = flat[flat >= 0]  # -1 = empty slot (adaptive routing)
+            counts = torch.bincount(flat, minlength=self.counts[i].numel()).to(torch.float64).cpu()
+            self.counts[i] += counts
+
+        return hook
+
+    def reset(self) -> None:
+        for c in self.counts:
+            c.zero_()
+
+    def global_counts(self) -> list[torch.Tensor]:
+        """Per-layer (E,) token counts summed over ranks."""
+        if not self.counts:
+            return []
+        stacked = torch.stack(self.counts)  # (L, E)
+        if dist.is_available() and dist.is_initialized():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            stacked = stacked.to(device)
+            dist.all_reduce(stacked)
+            stacked = stacked.cpu()
+        return list(stacked)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def update_router_bias(layers: list[MoE], counts: list[torch.Tensor], gamma: float) -> dict:
+    """b_i += gamma * sign(mean load - load_i) in every layer. Returns balance stats of the loads used:
+    `max_violation` = mean over layers of (max load / mean load - 1), DeepSeek's MaxVio."""
+    violations = []
+    for layer, load_E in zip(layers, counts):
+        if load_E.sum() == 0:
+            continue
+        mean = load_E.mean()
+        violations.append(float(load_E.max() / mean - 1))
+        if gamma > 0:
+            bias = layer.gate.e_score_correction_bias
+            bias += gamma * torch.sign(mean - load_E).to(bias.device, bias.dtype)
+    return {"max_violation": sum(violations) / len(violations) if violations else 0.0}
+
+
+def sequence_aux_loss(layers: list[MoE], batch: int, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over MoE layers of the sequence-wise balance loss sum_i f_i P_i of the last forward (no alpha).
+
+    `mask_BT` (1 = real token) keeps padding out of both f and P."""
+    losses = []
+    for layer in layers:
+        idx_NK, scores_NE = layer.last_routing
+        N, E = scores_NE.shape
+        K = idx_NK.shape[1]
+        T = N // batch
+        idx_BTK = idx_NK.view(batch, T, K)
+        probs_BTE = (scores_NE / scores_NE.sum(-1, keepdim=True).clamp_min(1e-20)).view(batch, T, E)
+        hits_BTE = torch.zeros(batch, T, E + 1, device=scores_NE.device, dtype=scores_NE.dtype)
+        hits_BTE.scatter_add_(2, idx_BTK.clamp_min(-1) % (E + 1), torch.ones_like(idx_BTK, dtype=scores_NE.dtype))
+        hits_BTE = hits_BTE[..., :E]  # slot -1 maps to column E and is dropped
+        if mask_BT is None:
+            mask_BT = torch.ones(batch, T, device=scores_NE.device)
+        m = mask_BT.to(scores_NE.dtype)[..., None]
+        n_tok_B = m.sum(1).clamp_min(1)  # (B, 1)
+        f_BE = (hits_BTE * m).sum(1) * E / (K * n_tok_B)
+        p_BE = (probs_BTE * m).sum(1) / n_tok_B
+        losses.append((f_BE * p_BE).sum(-1).mean())
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
