@@ -74,10 +74,16 @@ class Server:
 
     def params(self, req, max_tokens: int, prompt_len: int, logprobs=None, prompt_logprobs=None) -> SamplingParams:
         limit = self.engine.max_model_len
-        if prompt_len + max_tokens > limit:
+        if prompt_len >= limit or prompt_len + max_tokens > limit:
             what = "the prompt" if prompt_len >= limit else "the prompt plus max_tokens"
             raise APIError(400, f"{what} ({prompt_len} + {max_tokens} tokens) exceeds the context length "
                            f"({limit} tokens)", "context_length_exceeded", "messages")  # fmt: skip
+        try:
+            return self._params(req, max_tokens, logprobs, prompt_logprobs)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "invalid_value") from None
+
+    def _params(self, req, max_tokens, logprobs, prompt_logprobs) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
                               stop=req.stop_list(), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
@@ -188,7 +194,8 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
                                server.metrics, server.limiter)  # fmt: skip
         try:
             server.check_model(req.model)
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages]  # fmt: skip
             ids = chat_prompt_ids(engine.tokenizer, messages)
             max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
             params = server.params(req, max_tokens, len(ids), logprobs=0 if req.logprobs else None)
@@ -242,11 +249,6 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         _raise_failure(outs)
         return completion_response(engine.tokenizer, rid, created, req.model, outs, all_ids, req.echo,
                                    req.logprobs, record.totals())  # fmt: skip
-
-    @app.on_event("shutdown")
-    async def shutdown():
-        if server.writer:
-            server.writer.flush()
 
     return app
 

@@ -1,0 +1,125 @@
+"""`deepseek serve`, `deepseek keys create|list|revoke`, `deepseek usage`.
+
+    deepseek serve --model deepseek/r1-tiny                     # http://127.0.0.1:8000, auth off on loopback
+    deepseek serve --model runs/sft --host 0.0.0.0 --db postgresql+psycopg://user@db/deepseek   # auth on
+    deepseek keys create alice --tier basic --budget 5          # prints the secret once
+    deepseek keys list ; deepseek keys revoke 3 ; deepseek usage --key 3
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+
+DEFAULT_DB = os.environ.get("DEEPSEEK_DB", "sqlite:///deepseek-serve.db")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API server with continuous batching and a playground")
+    p.add_argument("--model", default="deepseek/r1-tiny", help="bundled name or model folder (with tokenizer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default=DEFAULT_DB, help="usage/keys database URL (SQLite file or PostgreSQL)")
+    p.add_argument("--auth", choices=["auto", "on", "off"], default="auto",
+                   help="API keys: auto = on unless bound to loopback")  # fmt: skip
+    p.add_argument("--max-running", type=int, default=32, help="sequences in the running batch (cache slots)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=run_serve)
+
+    k = sub.add_parser("keys", help="manage API keys (create, list, revoke)")
+    k.add_argument("--db", default=DEFAULT_DB)
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    c = ks.add_parser("create", help="create a key; the secret is printed once")
+    c.add_argument("name")
+    c.add_argument("--tier", default="basic")
+    c.add_argument("--budget", type=float, default=None, help="USD the key may spend (default: unlimited)")
+    ks.add_parser("list", help="list keys (never the secrets)")
+    r = ks.add_parser("revoke", help="revoke a key by id")
+    r.add_argument("id", type=int)
+    k.set_defaults(func=run_keys)
+
+    u = sub.add_parser("usage", help="usage and cost per key and day")
+    u.add_argument("--db", default=DEFAULT_DB)
+    u.add_argument("--key", type=int, default=None, help="only this key id")
+    u.add_argument("--json", action="store_true", help="one JSON object per row")
+    u.set_defaults(func=run_usage)
+
+
+def run_serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from .serve.api import create_app
+    from .serve.billing import Billing
+    from .serve.engine import Engine, EngineConfig
+
+    auth = {"on": True, "off": False, "auto": not is_loopback(args.host)}[args.auth]
+    config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
+                          max_model_len=args.max_model_len, default_timeout_s=args.timeout)  # fmt: skip
+    billing = Billing(args.db)  # fails fast on a bad URL, before the model loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine.from_pretrained(args.model, config)
+    app = create_app(engine, billing, auth=auth, request_timeout_s=args.timeout)
+    print(f"serving {engine.model_name} on http://{args.host}:{args.port} (auth {'on' if auth else 'off'}, "
+          f"db {billing.dialect}, {config.max_running} slots x {engine.max_model_len} tokens)")  # fmt: skip
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.close()
+    return 0
+
+
+def run_keys(args) -> int:
+    from .serve.billing import Billing
+
+    db = Billing(args.db)
+    if args.keys_command == "create":
+        secret, key = db.create_key(args.name, args.tier, args.budget)
+        print(f"created key {key.id} ({key.name}, tier {key.tier}, budget {_money(key.budget_usd)})")
+        print(secret)
+    elif args.keys_command == "list":
+        print(f"{'id':>4}  {'name':<16}{'prefix':<12}{'tier':<12}{'budget':>10}{'spent':>12}  status")
+        for k in db.list_keys():
+            status = "revoked" if k.revoked_at else "active"
+            print(f"{k.id:>4}  {k.name:<16}{k.prefix:<12}{k.tier:<12}{_money(k.budget_usd):>10}"
+                  f"{k.spent_usd:>12.6f}  {status}")  # fmt: skip
+    else:
+        key = db.revoke(args.id)
+        print(f"revoked key {key.id} ({key.name})")
+    return 0
+
+
+def run_usage(args) -> int:
+    from .serve.billing import Billing
+
+    rows = Billing(args.db).usage_by_day(args.key)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    print(f"{'day':<12}{'key':>5}{'requests':>10}{'prompt':>10}{'completion':>12}{'reasoning':>11}{'cost $':>12}")
+    for r in rows:
+        print(f"{r['day']:<12}{str(r['key_id']):>5}{r['requests']:>10}{r['prompt_tokens']:>10}"
+              f"{r['completion_tokens']:>12}{r['reasoning_tokens']:>11}{r['cost_usd']:>12.6f}")  # fmt: skip
+    return 0
+
+
+def _money(v) -> str:
+    return "unlimited" if v is None else f"${v:.2f}"
+
+
+__all__ = ["add_parser", "is_loopback"]
