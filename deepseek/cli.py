@@ -11,6 +11,7 @@ SUBCOMMANDS = [
     # (module, one-line help) -- module.add_parser(subparsers) registers the subcommand(s)
     "deepseek.cli_generate",
     "deepseek.cli_tokenizer",
+    "deepseek.cli_serve",
 ]
 
 
