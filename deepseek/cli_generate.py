@@ -1,0 +1,73 @@
+"""`deepseek generate`: stream a completion from a model folder or bundled name."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="stream a completion for a prompt")
+    p.add_argument("--model", default="deepseek/r1-tiny", help="model folder or bundled name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only quantisation")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def load_model_and_tokenizer(name: str, device: str = "cpu", int8: bool = False):
+    from transformers import AutoTokenizer
+
+    from .compat.checkpoint import resolve
+    from .model.transformer import R1ForCausalLM
+
+    path = resolve(name)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer (tokenizer.json); text generation needs one")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = R1ForCausalLM.from_pretrained(path, device=device)
+    if int8:
+        from .model.quant import quantize_int8
+
+        quantize_int8(model)
+    return model, tokenizer
+
+
+def run(args) -> int:
+    import torch
+
+    from .model.generate import generate
+
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.int8)
+    if args.chat and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)  # fmt: skip
+    else:
+        text = args.prompt
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=args.device)
+    tokens: list[int] = []
+    shown = ""
+
+    def on_token(step, token):
+        nonlocal shown
+        tokens.append(int(token[0]))
+        text = tok.decode(tokens, skip_special_tokens=False)
+        if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+
+    t = time.perf_counter()
+    out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   eos_token_id=tok.eos_token_id, seed=args.seed, on_token=on_token)  # fmt: skip
+    n = len(out.new_tokens[0])
+    print(f"\n[{n} tokens, {n / (time.perf_counter() - t):.1f} tok/s, decode "
+          f"{out.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)  # fmt: skip
+    return 0
