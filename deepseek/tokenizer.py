@@ -81,7 +81,10 @@ def _expand(texts_or_files) -> Iterator[str]:
     if isinstance(texts_or_files, (str, Path)):
         texts_or_files = [texts_or_files]
     for item in texts_or_files:
-        path = Path(item) if isinstance(item, Path) or (len(item) < 4096 and "\n" not in item) else None
+        # a str is a path only if it names an existing file or folder (an empty or multi-line str is text)
+        is_path = isinstance(item, Path) or (item.strip() == item and 0 < len(item) < 4096 and "\n" not in item
+                                             and os.path.exists(item))  # fmt: skip
+        path = Path(item) if is_path else None
         if path is not None and path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             yield from _expand(files)

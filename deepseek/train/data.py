@@ -97,11 +97,18 @@ def _cached_hub_dataset(name: str, split: str):
     cache_dir = os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE))
     parts = name.split("/")
     root = os.path.join(cache_dir, "___".join(parts))
-    if not [p for p in glob.glob(os.path.join(root, "*", "*", "*")) if os.path.isdir(p)]:
+    configs = sorted({Path(p).parent.parent.name for p in glob.glob(os.path.join(root, "*", "*", "*"))
+                      if os.path.isdir(p)})  # fmt: skip
+    if not configs:
         return None
+    config = "default" if "default" in configs else configs[0] if len(configs) == 1 else None
+    if config is None:
+        raise ValueError(f"dataset {name!r} has several cached configs ({', '.join(configs)}); load it with "
+                         "datasets.load_dataset(name, config) and pass the Dataset")  # fmt: skip
     from datasets.packaged_modules.cache.cache import Cache
 
-    builder = Cache(cache_dir=cache_dir, dataset_name=parts[-1], repo_id=name, version="auto")
+    builder = Cache(cache_dir=cache_dir, dataset_name=parts[-1], repo_id=name, config_name=config,
+                    version="auto", hash="auto")  # fmt: skip
     splits = list(builder.info.splits or {})
     if splits and split not in splits:
         raise ValueError(f"dataset {name!r} has no split {split!r}; it has: {', '.join(splits)}")
