@@ -71,7 +71,7 @@ def causal_lm_loss(model, batch: dict, config: TrainConfig) -> LossOutput:
         mask = batch.get("attention_mask")
         aux = sequence_aux_loss(layers, batch["input_ids"].shape[0], mask)
         loss = loss + config.seq_aux_alpha * aux
-        stats["seq_aux"] = float(aux)
+        stats["seq_aux"] = float(aux.detach())
     return LossOutput(loss, tokens, stats)
 
 
