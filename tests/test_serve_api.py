@@ -318,7 +318,7 @@ def test_schemathesis_finds_no_5xx(stack):
 
         @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
-        def check(case):
+        def check(case, path=path):
             resp = case.call(base_url=stack["url"], headers=headers)
             assert resp.status_code < 500, f"{path}: {resp.status_code} {resp.text[:300]}"
             if resp.status_code >= 400:
