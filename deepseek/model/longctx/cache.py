@@ -14,9 +14,10 @@ Per layer, the positions 0..L-1 live in exactly one of three places:
 A block is sealed (quantised, summarised) only once it has left the window, and only *after* the attention
 of the step that appended it, so every query sees its own chunk and the window at full precision.
 Scores are taken in the absorbed MLA form: q_lat . kv + q_pe . pe; the value is the latent kv itself, so a
-block's mean latent serves as both its coarse key and its coarse value. Block selection follows Quest: the
-upper bound of q . key over a block is sum_k max(q_k * max_k, q_k * min_k); bounds are softmaxed over blocks
-per query and head and summed over the tile's queries and all heads (MLA has one shared latent "KV head", so
+block's mean latent serves as both its coarse key and its coarse value. Block selection scores each block by the
+Quest upper bound of q . key, sum_k max(q_k * max_k, q_k * min_k), plus the score against the block mean (as
+NSA's compressed branch); both are softmaxed over blocks per query and head and summed over the tile's
+queries and all heads (MLA has one shared latent "KV head", so
 selection is shared across heads as NSA does for a GQA group).
 
 `reconstruct` (all positions in order) and `update` are the reference path: with kv_quant_bits=0 and
@@ -87,8 +88,8 @@ class CompressedLatentCache:
         self.max_len = max_len
         self.max_blocks = max(0, math.ceil(max_len / self.block) - self.sink_blocks)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        offload = config.kv_offload
-        self.host_device = torch.device(host_device or "cpu") if offload else self.device
+        self.offload = config.kv_offload  # payload designated host memory (the same RAM on a CPU-only machine)
+        self.host_device = torch.device(host_device or "cpu") if self.offload else self.device
         self.dtype = dtype
         self.summary_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
         self.store = [LayerStore(self, batch_size, self.device, dtype) for _ in range(n_layers)]
@@ -199,14 +200,20 @@ class CompressedLatentCache:
         return torch.cat(kv, 1), torch.cat(pe, 1)
 
     def select_blocks(self, q_BXtHK: torch.Tensor, layer_idx: int, scale: float, valid_Xt=None):
-        """Quest-style top-k sealed blocks per query tile. q (B, X, t, H, K) -> idx (B, X, k)."""
+        """Top-k sealed blocks per query tile. q (B, X, t, H, K) -> idx (B, X, k).
+
+        Importance per block = softmax over blocks of the Quest upper bound (catches a single sharp key when
+        keys concentrate on few channels) + softmax of the score against the block mean (NSA's compressed
+        attention; catches a sharp key when the bound is loose, as it is for near-isotropic latents)."""
         st = self.store[layer_idx]
         n = st.n_blocks
         kmax = st.kmax[:, :n].to(q_BXtHK.dtype)  # (B, n, K)
         kmin = st.kmin[:, :n].to(q_BXtHK.dtype)
         bound = torch.einsum("bxthk,bnk->bxthn", q_BXtHK.clamp(min=0), kmax)
         bound = bound + torch.einsum("bxthk,bnk->bxthn", q_BXtHK.clamp(max=0), kmin)
+        mean = torch.einsum("bxthk,bnk->bxthn", q_BXtHK, st.kmean[:, :n].to(q_BXtHK.dtype))
         importance = (bound * scale).softmax(-1, dtype=torch.float32)  # (B, X, t, H, n)
+        importance = importance + (mean * scale).softmax(-1, dtype=torch.float32)
         if valid_Xt is not None:
             importance = importance * valid_Xt[None, :, :, None, None]
         importance = importance.sum((2, 3))  # (B, X, n)
@@ -295,7 +302,7 @@ class CompressedLatentCache:
                 payload += st.kv_q.nbytes() + st.pe_q.nbytes()
             else:
                 payload += st.kv_full.nbytes + st.pe_full.nbytes
-        offloaded = self.host_device != self.device
+        offloaded = self.offload
         device = full + summaries + (0 if offloaded else payload)
         return {"full_precision": full, "summaries": summaries, "payload": payload, "device": device,
                 "host": payload if offloaded else 0, "total": full + summaries + payload}  # fmt: skip
