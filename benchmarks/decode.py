@@ -20,7 +20,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from deepseek import R1Config, R1ForCausalLM
 from deepseek.model.cache import LatentCache
-from deepseek.model.generate import decode_one_token, generate, prefill
+from deepseek.model.generate import decode_one_token, generate, prefill, prepare_for_decode
 
 
 def bench_config() -> R1Config:
@@ -53,6 +53,7 @@ def load_both(config: R1Config):
         DeepseekV3Config(**d).save_pretrained(tmp)
         hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         ours = R1ForCausalLM.from_pretrained(tmp)
+    prepare_for_decode(ours)
     return ours, hf
 
 

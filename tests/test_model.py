@@ -100,3 +100,17 @@ def test_bad_generate_input_is_rejected_before_work():
         generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=-1)
     with pytest.raises(ValueError, match="exceeds the context"):
         generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=1000)
+
+
+def test_prepare_for_decode_keeps_outputs_and_saved_weights():
+    from deepseek.model.generate import prepare_for_decode
+
+    model = random_model(tiny_config())
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        before = model(ids).logits
+        ref_tokens = generate(model, ids, max_new_tokens=8).sequences
+        prepare_for_decode(model)
+        assert not model.lm_head.weight.is_contiguous()
+        assert (model(ids).logits - before).abs().max() < 1e-4
+    assert torch.equal(generate(model, ids, max_new_tokens=8).sequences, ref_tokens)

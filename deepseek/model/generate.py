@@ -129,3 +129,19 @@ def generate(
     t2 = time.perf_counter()
     gen = torch.stack(tokens_out, dim=1) if tokens_out else input_ids.new_zeros(B, 0)
     return GenerateOutput(torch.cat((input_ids, gen), dim=1), new_tokens, finish, t1 - t0, t2 - t1)
+
+
+def prepare_for_decode(model) -> None:
+    """Store every Linear weight column-major (same values and shape, transposed strides).
+
+    One-token decode is a matrix-vector product; on CPU BLAS it runs ~1.5-3x faster reading W^T row by row
+    than W. The parameters stay ordinary nn.Linear weights (training, saving and LoRA are unaffected; saving
+    writes them contiguous). Idempotent; costs one copy of each weight, once."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("kv_b_proj") or (tied and name == "lm_head"):
+                continue  # kv_b_proj is read by the absorbed einsums; a tied head shares the embedding
+            w = getattr(module, "weight", None)
+            if isinstance(module, torch.nn.Linear) and w is not None and w.dim() == 2 and w.is_contiguous():
+                module.weight = torch.nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
