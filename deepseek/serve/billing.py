@@ -105,7 +105,7 @@ def _migration_1(conn):
 
 
 def _migration_2(conn):
-    sa.Index("ix_usage_key_day", usage.c.key_id, usage.c.day).create(conn)
+    conn.execute(sa.text("CREATE INDEX ix_usage_key_day ON usage (key_id, day)"))  # plain DDL: same on both
 
 
 MIGRATIONS = [(1, "api_keys and usage tables", _migration_1), (2, "index usage by key and day", _migration_2)]

@@ -1,0 +1,142 @@
+"""Keys, tiers, budgets, rate limits and usage metering on SQLite and on a real PostgreSQL server that the test
+starts itself (skipped with the reason when PostgreSQL is not installed; scripts/ci_services.sh installs it)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import sqlalchemy as sa
+from test_serve_support import Postgres, postgres_bin
+
+from deepseek.cli import main
+from deepseek.serve.billing import AuthError, Billing, RateLimiter, Tier, hash_key
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed: run scripts/ci_services.sh")
+    with Postgres() as pg:
+        yield pg.url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        billing = Billing(f"sqlite:///{tmp_path / 'b.db'}")
+        yield billing
+    else:
+        url = request.getfixturevalue("pg_url")
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:  # a clean schema per test
+            conn.execute(sa.text("DROP TABLE IF EXISTS usage, api_keys, schema_migrations CASCADE"))
+        engine.dispose()
+        billing = Billing(url)
+        yield billing
+    billing.close()
+
+
+def test_migrations_apply_once_and_record_versions(db):
+    assert db.schema_version() == 2
+    assert db.migrate() == []  # a second start (another replica) applies nothing
+    with db.engine.connect() as conn:
+        names = set(sa.inspect(conn).get_table_names())
+    assert {"api_keys", "usage", "schema_migrations"} <= names
+
+
+def test_keys_are_stored_only_as_hashes(db):
+    secret, key = db.create_key("alice", tier="basic", budget_usd=2.5)
+    assert secret.startswith("sk-ds-") and len(secret) > 40 and key.prefix == secret[:10]
+    with db.engine.connect() as conn:
+        stored = [tuple(map(str, r)) for r in conn.execute(sa.text("SELECT * FROM api_keys"))]
+    assert not any(secret in v for row in stored for v in row)
+    assert any(hash_key(secret) in row for row in stored)
+    assert db.authenticate(secret).id == key.id
+    with pytest.raises(AuthError) as e:
+        db.authenticate(secret + "x")
+    assert (e.value.status, e.value.code) == (401, "invalid_api_key")
+    db.revoke(key.id)
+    with pytest.raises(AuthError, match="revoked"):
+        db.authenticate(secret)
+    with pytest.raises(ValueError, match="unknown tier"):
+        db.create_key("bob", tier="platinum")
+
+
+def test_usage_written_exactly_once_with_tier_cost_and_budget(db):
+    secret, key = db.create_key("carol", tier="basic", budget_usd=0.002)
+    cost = db.record_usage("req-1", key.id, "r1-tiny", 700, 300, 120, 12.5, "ok", tier="basic")
+    assert cost == pytest.approx(0.001)  # 1000 tokens at the basic $0.001 / 1K
+    assert db.record_usage("req-1", key.id, "r1-tiny", 700, 300, 120, 12.5, "ok", tier="basic") is None
+    db.record_usage("req-2", key.id, "r1-tiny", 10, 0, 0, 1.0, "cancelled", tier="basic")
+    rows = db.usage_records(key.id)
+    assert [r["request_id"] for r in rows] == ["req-1", "req-2"]
+    assert db.get_key(key.id).spent_usd == pytest.approx(0.00101)
+    db.authenticate(secret)  # still under budget
+    db.record_usage("req-3", key.id, "r1-tiny", 1000, 0, 0, 1.0, "ok", tier="basic")
+    with pytest.raises(AuthError) as e:
+        db.authenticate(secret)
+    assert (e.value.status, e.value.code) == (429, "insufficient_quota")
+    day = db.usage_by_day(key.id)
+    assert len(day) == 1 and day[0]["requests"] == 3 and day[0]["prompt_tokens"] == 1710
+    assert day[0]["cost_usd"] == pytest.approx(0.00201)
+
+
+def test_concurrent_writers_never_double_count(db):
+    _, key = db.create_key("dave", tier="enterprise")
+    results = []
+
+    def write(i):
+        results.append(db.record_usage(f"req-{i % 20}", key.id, "m", 100, 100, 0, 1.0, "ok", tier="enterprise"))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(60)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sum(r is not None for r in results) == 20 and len(db.usage_records(key.id)) == 20
+    assert db.get_key(key.id).spent_usd == pytest.approx(20 * 200 / 1000 * 0.0008)
+
+
+def test_rate_limiter_rpm_and_tpm():
+    tier = Tier("t", 0.001, rpm=3, tpm=500)
+    rl = RateLimiter()
+    for _ in range(3):
+        rl.check_and_count(1, tier, now=100.0)
+    with pytest.raises(AuthError, match="3 requests per minute") as e:
+        rl.check_and_count(1, tier, now=100.5)
+    assert e.value.status == 429
+    rl.check_and_count(2, tier, now=100.5)  # other keys are independent
+    rl.check_and_count(1, tier, now=161.0)  # the window moved on
+    rl.add_tokens(2, 600, now=101.0)
+    with pytest.raises(AuthError, match="tokens per minute"):
+        rl.check_and_count(2, tier, now=102.0)
+
+
+def test_bad_database_url_is_one_clear_error():
+    with pytest.raises(ValueError, match="not a URL"):
+        Billing("usage.db")
+
+
+def test_cli_keys_and_usage(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+
+    def run(*args):
+        code = main(list(args))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    r = run("keys", "--db", url, "create", "erin", "--tier", "enterprise", "--budget", "3")
+    assert r.returncode == 0, r.stderr
+    secret = r.stdout.strip().splitlines()[-1]
+    db = Billing(url)
+    key = db.authenticate(secret)
+    assert (key.name, key.tier, key.budget_usd) == ("erin", "enterprise", 3.0)
+    db.record_usage("r", key.id, "m", 1000, 1000, 10, 5.0, "ok", tier="enterprise")
+    listing = run("keys", "--db", url, "list").stdout
+    assert "erin" in listing and secret not in listing and "active" in listing
+    usage = run("usage", "--db", url, "--json").stdout
+    assert '"completion_tokens": 1000' in usage and '"cost_usd": 0.0016' in usage
+    assert run("keys", "--db", url, "revoke", str(key.id)).returncode == 0
+    assert "revoked" in run("keys", "--db", url, "list").stdout
+    bad = run("keys", "--db", url, "create", "x", "--tier", "gold")
+    assert bad.returncode == 2 and "unknown tier" in bad.stderr
