@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/ci_services.sh   # PostgreSQL server + Chromium for the serving tests (apt, when missing)
 . .venv/bin/activate
 ruff check deepseek tests benchmarks
 python -m pytest "$@"
