@@ -136,6 +136,17 @@ def test_countdown_grader_hand_cases():
     assert cd.grade(prompt, think("(25 - 7) * 4 / 2")) == 1.0
 
 
+def test_sorting_grader_hand_cases():
+    task = get_task("sorting")
+    p = "Sort these numbers from smallest to largest: 5, 3, 9, 3."
+    assert task.grade(p, think("3, 3, 5, 9")) == 1.0
+    assert task.grade(p, think("[3,3,5,9]")) == 1.0
+    assert task.grade(p, think("3, 5, 9")) == 0.0  # a duplicate dropped
+    assert task.grade(p, think("3, 3, 9, 5")) == 0.0
+    assert task.grade(p, think("3 3 5 9")) == 0.0
+    assert {len(ex["numbers"]) for ex in task.generate(5, difficulty=12)} == {12}
+
+
 def test_expression_parser():
     from fractions import Fraction
 

@@ -15,6 +15,7 @@ from .arithmetic import Addition, Multiplication, Subtraction
 from .base import Task, final_answer, format_reward, parse_int, sft_completion
 from .countdown import Countdown, evaluate
 from .passkey import Passkey, estimate_tokens
+from .sorting import Sorting
 
 # name -> factory; keyword arguments of get_task go to the factory (e.g. passkey tokenizer=..., filler=...)
 TASKS = {
@@ -22,6 +23,7 @@ TASKS = {
     "subtraction": Subtraction,
     "multiplication": Multiplication,
     "countdown": Countdown,
+    "sorting": Sorting,
     "passkey": Passkey,
     "passkey_multi": partial(Passkey, num_keys=4),
 }
@@ -33,5 +35,5 @@ def get_task(name: str, **kwargs) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "Addition", "Countdown", "Multiplication", "Passkey", "Subtraction", "Task", "estimate_tokens",
+__all__ = ["TASKS", "Addition", "Countdown", "Multiplication", "Passkey", "Sorting", "Subtraction", "Task", "estimate_tokens",
            "evaluate", "final_answer", "format_reward", "get_task", "parse_int", "sft_completion"]  # fmt: skip

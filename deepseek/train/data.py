@@ -218,45 +218,81 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def chat_ids_labels(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of a rendered conversation, and labels that keep only assistant-turn tokens.
+def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
 
-    Works with any prefix-stable chat template: the assistant spans are the characters each assistant
-    message adds after the generation prompt, mapped to tokens with the tokenizer's offsets."""
+    Works with any prefix-stable chat template: a span is what an assistant message adds after the
+    generation prompt (its content and end-of-turn token)."""
     full = _render(tokenizer, messages, False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, after = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False)
+        before = _render(tokenizer, messages[:i], True)
+        after = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False)
         if not (after.startswith(before) and full.startswith(after)):
             raise ValueError("the tokenizer's chat template is not prefix-stable; cannot locate assistant turns")
         spans.append((len(before), len(after)))
+    return full, spans
+
+
+def _span_labels(ids: list[int], offsets, spans) -> list[int]:
+    return [t if any(s <= start < e for s, e in spans) else IGNORE for t, (start, _) in zip(ids, offsets)]
+
+
+def chat_ids_labels(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation, and labels that keep only assistant-turn tokens."""
+    full, spans = assistant_spans(messages, tokenizer)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = [t if any(s <= start < e for s, e in spans) else IGNORE for t, (start, _) in zip(ids, enc["offset_mapping"])]
-    return ids, labels
+    return enc["input_ids"], _span_labels(enc["input_ids"], enc["offset_mapping"], spans)
 
 
 def tokenize_record(record: dict, tokenizer, kind: str | None = None, chat: bool | None = None):
-    """(input_ids, labels) of one record. Text: <bos> text <eos>, all tokens trained. Chat/SFT: the chat
-    template (when the tokenizer has one and `chat` is not False), loss on assistant tokens only; without a
-    template, prompt + completion + <eos> with loss on the completion and <eos>."""
-    kind = kind or detect_kind(record)
+    """(input_ids, labels) of one record; see tokenize_records."""
+    return tokenize_records([record], tokenizer, kind or detect_kind(record), chat, show_progress=False)[0]
+
+
+def tokenize_records(records: Sequence[dict], tokenizer, kind: str, chat: bool | None = None,
+                     batch_size: int = 512, show_progress: bool = True) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+    """(input_ids, labels) per record, tokenised in batches.
+
+    Text: <bos> text <eos>, every token trained. Chat/SFT: the chat template (when the tokenizer has one and
+    `chat` is not False), loss on assistant tokens only; without a template, <bos> prompt completion <eos>
+    with loss on the completion and <eos>."""
+    from tqdm.auto import tqdm
+
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if kind == "text":
-        ids = ([bos] if bos is not None else []) + tokenizer(_text(record), add_special_tokens=False)["input_ids"]
-        ids += [eos] if eos is not None else []
-        return ids, list(ids)
-    messages = to_messages(record, kind)
+    head, tail = ([bos] if bos is not None else []), ([eos] if eos is not None else [])
     use_chat = getattr(tokenizer, "chat_template", None) is not None if chat is None else chat
-    if use_chat:
-        return chat_ids_labels(messages, tokenizer)
-    if len(messages) != 2:
-        raise ValueError("multi-turn 'messages' need a tokenizer with a chat template")
-    p = ([bos] if bos is not None else []) + tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
-    c = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-    return p + c, [IGNORE] * len(p) + c
+
+    def encode(texts, offsets=False):
+        return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+
+    out = []
+    bar = tqdm(total=len(records), desc="tokenize", unit="rec", disable=not show_progress)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        if kind == "text":
+            for ids in encode([_text(r) for r in chunk])["input_ids"]:
+                ids = head + ids + tail
+                out.append((ids, list(ids)))
+        elif use_chat:
+            rendered = [assistant_spans(to_messages(r, kind), tokenizer) for r in chunk]
+            enc = encode([full for full, _ in rendered], offsets=True)
+            for ids, offs, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered):
+                out.append((ids, _span_labels(ids, offs, spans)))
+        else:
+            pairs = [to_messages(r, kind) for r in chunk]
+            if any(len(m) != 2 for m in pairs):
+                raise ValueError("multi-turn 'messages' need a tokenizer with a chat template")
+            prompts = encode([m[0]["content"] for m in pairs])["input_ids"]
+            completions = encode([m[1]["content"] for m in pairs])["input_ids"]
+            for p, c in zip(prompts, completions):
+                p, c = head + p, c + tail
+                out.append((p + c, [IGNORE] * len(p) + c))
+        bar.update(len(chunk))
+    bar.close()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -354,8 +390,6 @@ def prepare_data(source, tokenizer, block_size: int, val_fraction: float = 0.05,
     """Load, check, split by content hash, tokenise and pack. Errors come before any tokenisation.
 
     split_documents defaults to True for text (pretraining) and False for chat/SFT records."""
-    from tqdm.auto import tqdm
-
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     ds = load_records(source, split)
@@ -368,8 +402,7 @@ def prepare_data(source, tokenizer, block_size: int, val_fraction: float = 0.05,
     records = list(ds)
     keys = [content_key(r, kind) for r in records]
     train_idx, val_idx = split_by_hash(keys, val_fraction, salt)
-    seqs = [tokenize_record(r, tokenizer, kind) for r in tqdm(records, desc="tokenize", unit="rec",
-                                                               disable=not show_progress)]  # fmt: skip
+    seqs = tokenize_records(records, tokenizer, kind, show_progress=show_progress)
     split_documents = (kind == "text") if split_documents is None else split_documents
     train = pack([seqs[i] for i in train_idx], block_size, pad_id, split_documents)
     val = pack([seqs[i] for i in val_idx], block_size, pad_id, split_documents) if val_idx else None
