@@ -207,6 +207,10 @@ class CompressedLatentCache:
         attention; catches a sharp key when the bound is loose, as it is for near-isotropic latents)."""
         st = self.store[layer_idx]
         n = st.n_blocks
+        if q_BXtHK.shape[2] > 1:  # a prefill tile selects with its mean query: cost O(X) not O(T) per block
+            weight = valid_Xt if valid_Xt is not None else q_BXtHK.new_ones(q_BXtHK.shape[1:3])
+            q_BXtHK = (q_BXtHK * weight[None, :, :, None, None]).sum(2, keepdim=True)
+            q_BXtHK = q_BXtHK / weight.sum(1)[None, :, None, None, None]
         kmax = st.kmax[:, :n].to(q_BXtHK.dtype)  # (B, n, K)
         kmin = st.kmin[:, :n].to(q_BXtHK.dtype)
         bound = torch.einsum("bxthk,bnk->bxthn", q_BXtHK.clamp(min=0), kmax)
@@ -214,8 +218,6 @@ class CompressedLatentCache:
         mean = torch.einsum("bxthk,bnk->bxthn", q_BXtHK, st.kmean[:, :n].to(q_BXtHK.dtype))
         importance = (bound * scale).softmax(-1, dtype=torch.float32)  # (B, X, t, H, n)
         importance = importance + (mean * scale).softmax(-1, dtype=torch.float32)
-        if valid_Xt is not None:
-            importance = importance * valid_Xt[None, :, :, None, None]
         importance = importance.sum((2, 3))  # (B, X, n)
         return importance.topk(min(self.topk, n), dim=-1).indices
 
@@ -268,7 +270,7 @@ class CompressedLatentCache:
                 s = torch.einsum("bxthk,bnk->bhxtn", q_BXtHK, mean_BnK) * scale + math.log(self.block)
                 chosen_BXn = torch.zeros(B, X, st.n_blocks, dtype=torch.bool, device=s.device)
                 chosen_BXn.scatter_(2, idx_BXk, True)
-                s = s.masked_fill(chosen_BXn[:, None, :, None, :], float("-inf"))
+                s.masked_fill_(chosen_BXn[:, None, :, None, :], float("-inf"))
                 scores.append(s)
                 values.append(("shared", mean_BnK[..., :C]))
         n = st.length - st.recent_start
@@ -276,7 +278,7 @@ class CompressedLatentCache:
         s = shared(kv, pe)
         q_pos = torch.arange(st.length - T, st.length - T + X * t, device=s.device).view(X, t, 1)
         k_pos = torch.arange(st.recent_start, st.length, device=s.device)
-        scores.append(s.masked_fill(k_pos > q_pos, float("-inf")))
+        scores.append(s.masked_fill_(k_pos > q_pos, float("-inf")))
         values.append(("shared", kv))
 
         probs = torch.cat(scores, dim=-1).softmax(dim=-1, dtype=torch.float32).to(q_lat_BTHC.dtype)

@@ -1,0 +1,196 @@
+"""Long context: full MLA latent cache vs the hierarchical compressed cache, 4K..128K tokens, same model.
+
+    python benchmarks/long_context.py                           # 4K,16K,32K,64K,128K (~10-20 min, 2 cores)
+    python benchmarks/long_context.py --quick                   # 4K and 16K only
+    python benchmarks/long_context.py --model runs/passkey      # a trained checkpoint: adds passkey accuracy
+    python benchmarks/long_context.py --lengths 4096,131072 --passkey-trials 5
+
+Every (mode, length) runs in a fresh process so its peak RSS is its own. Per case: cache bytes on the
+compute device (compressed: sinks + window + summaries, + 4-bit payload unless offloaded), total cache bytes,
+peak RSS, chunked-prefill time, per-token decode latency and, with --model, passkey accuracy. The full cache's
+prefill is quadratic; above --full-prefill-max its decode latency is measured on a cache filled with random
+latents (decode time does not depend on the values) and its prefill is marked skipped. Prints a table, then
+one JSON line with the ratios; plots memory and latency vs length to docs/long_context_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+
+import torch
+
+from deepseek import R1Config, R1ForCausalLM
+from deepseek.model.cache import LatentCache
+from deepseek.model.longctx import CompressedLatentCache, chunked_prefill, extend_context
+
+
+def bench_config(**kw) -> R1Config:
+    """A small byte-level model (the 128K run must fit a 2-core CPU); MLA latent C=64, R=16."""
+    base = dict(
+        vocab_size=256, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=2, num_nextn_predict_layers=0, max_position_embeddings=131072 + 256,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, kv_block_size=64, kv_window=512, kv_topk_blocks=16,
+    )  # fmt: skip
+    base.update(kw)
+    return R1Config(**base)
+
+
+def load_model(path: str | None, max_len: int):
+    if path:
+        model = R1ForCausalLM.from_pretrained(path).eval()
+        extend_context(model, max_len)
+        return model
+    torch.manual_seed(0)
+    return R1ForCausalLM(bench_config()).eval()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.inference_mode()
+def run_case(args, mode: str, length: int, queue) -> None:
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, length + 64)
+    config = model.config
+    steps = args.decode_steps
+    ids = torch.randint(3, config.vocab_size, (1, length))
+    result = {"mode": mode, "length": length}
+    if mode == "full":
+        cache = LatentCache(config, 1, length + steps + 8)
+        result["device_bytes"] = result["total_bytes"] = cache.nbytes()
+    else:
+        cache = CompressedLatentCache(config, 1, length + steps + 8)
+        mem = cache.memory()
+        result["device_bytes"], result["total_bytes"] = mem["device"], mem["total"]
+        result["device_bytes_offload"] = mem["full_precision"] + mem["summaries"]  # with kv_offload=True
+    rss_before = peak_rss_bytes()
+    if mode == "full" and length > args.full_prefill_max:
+        for i in range(config.num_hidden_layers):
+            cache.kv[i, :, :length].normal_()
+            cache.pe[i, :, :length].normal_()
+            cache.lengths[i] = length
+        result["prefill_s"] = None
+        logits = model.lm_head(model.model(ids[:, -1:], position_ids=torch.tensor([[length]]), cache=cache)
+                               .last_hidden_state[:, -1])  # fmt: skip
+        cache.crop(length)
+    else:
+        t = time.perf_counter()
+        chunk = args.full_chunk if mode == "full" else config.prefill_chunk
+        logits = chunked_prefill(model, ids, cache, chunk=chunk, progress=args.progress)
+        result["prefill_s"] = round(time.perf_counter() - t, 2)
+    tok = logits.argmax(-1)
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        h = model.model(input_ids=tok[:, None], position_ids=torch.tensor([[length + i]]), cache=cache)
+        tok = model.lm_head(h.last_hidden_state[:, -1]).argmax(-1)
+        times.append(time.perf_counter() - t)
+    times = sorted(times[1:])  # drop the first (allocation), report the median
+    result["decode_ms"] = round(times[len(times) // 2] * 1e3, 3)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["rss_before_prefill"] = rss_before
+    if args.model and args.passkey_trials:
+        from deepseek.model.longctx.passkey import passkey_accuracy
+
+        result["passkey_acc"] = passkey_accuracy(model, length, args.passkey_trials, compressed=(mode != "full"),
+                                                 seed=length)  # fmt: skip
+    queue.put(result)
+
+
+def run_isolated(args, mode: str, length: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=run_case, args=(args, mode, length, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def plot(rows: list[dict], path_prefix: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = [r for r in rows if r["mode"] == "full"]
+    comp = [r for r in rows if r["mode"] == "compressed"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    ax.plot([r["length"] for r in full], [r["device_bytes"] / 2**20 for r in full], "o-", label="full latent cache")
+    ax.plot([r["length"] for r in comp], [r["device_bytes"] / 2**20 for r in comp], "o-", label="compressed")
+    ax.plot([r["length"] for r in comp], [r["device_bytes_offload"] / 2**20 for r in comp], "o--",
+            label="compressed, payload offloaded")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="cache MiB on device", title="KV memory")
+    ax.legend()
+    ax = axes[1]
+    ax.plot([r["length"] for r in full], [r["decode_ms"] for r in full], "o-", label="full latent cache")
+    ax.plot([r["length"] for r in comp], [r["decode_ms"] for r in comp], "o-", label="compressed")
+    ax.set(xscale="log", xlabel="context tokens", ylabel="ms / token", title="decode latency (2-core CPU, fp32)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(f"{path_prefix}_memory_latency.png", dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4096,16384,32768,65536,131072")
+    parser.add_argument("--quick", action="store_true", help="4K and 16K only")
+    parser.add_argument("--model", default=None, help="trained checkpoint dir (adds passkey accuracy)")
+    parser.add_argument("--passkey-trials", type=int, default=10)
+    parser.add_argument("--decode-steps", type=int, default=12)
+    parser.add_argument("--full-prefill-max", type=int, default=32768, help="longest full-cache prefill to run")
+    parser.add_argument("--full-chunk", type=int, default=256, help="full-cache prefill chunk (T x S scores)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", default="docs/long_context")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    lengths = [4096, 16384] if args.quick else [int(x) for x in args.lengths.split(",")]
+    if any(n <= 0 for n in lengths):
+        raise SystemExit(f"--lengths must be positive integers, got {args.lengths}")
+    rows = []
+    for n in lengths:
+        for mode in ("full", "compressed"):
+            r = run_isolated(args, mode, n)
+            rows.append(r)
+            print(f"  {mode:<10} {n:>7}: prefill {r['prefill_s']} s, decode {r['decode_ms']} ms", flush=True)
+    print(f"\n{'length':>8} {'mode':<11}{'dev MiB':>9}{'ratio':>7}{'offl.':>7}{'RSS MiB':>9}{'prefill s':>10}"
+          f"{'ms/tok':>8}{'speedup':>8}{'passkey':>8}")  # fmt: skip
+    result = {"hardware": f"{platform.machine()}, {args.threads} thread(s), fp32",
+              "model": args.model or "random bench_config"}  # fmt: skip
+    for n in lengths:
+        f = next(r for r in rows if r["mode"] == "full" and r["length"] == n)
+        c = next(r for r in rows if r["mode"] == "compressed" and r["length"] == n)
+        ratio, ratio_off = c["device_bytes"] / f["device_bytes"], c["device_bytes_offload"] / f["device_bytes"]
+        speed = f["decode_ms"] / c["decode_ms"]
+        for r in (f, c):
+            comp = r is c
+            print(f"{n:>8} {r['mode']:<11}{r['device_bytes'] / 2**20:>9.1f}{ratio if comp else 1:>7.3f}"
+                  f"{ratio_off if comp else 1:>7.3f}{r['peak_rss_bytes'] / 2**20:>9.0f}"
+                  f"{r['prefill_s'] if r['prefill_s'] is not None else 'skip':>10}{r['decode_ms']:>8.2f}"
+                  f"{speed if comp else 1:>8.2f}{r.get('passkey_acc', '-'):>8}")  # fmt: skip
+        k = f"{n // 1024}k"
+        result[f"{k}_mem_ratio"] = round(ratio, 4)
+        result[f"{k}_mem_ratio_offload"] = round(ratio_off, 4)
+        result[f"{k}_decode_speedup"] = round(speed, 2)
+        result[f"{k}_full_ms"], result[f"{k}_comp_ms"] = f["decode_ms"], c["decode_ms"]
+        result[f"{k}_comp_prefill_s"], result[f"{k}_full_prefill_s"] = c["prefill_s"], f["prefill_s"]
+        result[f"{k}_comp_peak_rss_MiB"] = round(c["peak_rss_bytes"] / 2**20)
+        result[f"{k}_full_peak_rss_MiB"] = round(f["peak_rss_bytes"] / 2**20)
+        if "passkey_acc" in c:
+            result[f"{k}_passkey_comp"], result[f"{k}_passkey_full"] = c["passkey_acc"], f.get("passkey_acc")
+    if args.plot:
+        plot(rows, args.plot)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
