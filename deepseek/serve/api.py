@@ -86,7 +86,8 @@ class Server:
     def _params(self, req, max_tokens, logprobs, prompt_logprobs) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
-                              stop=req.stop_list(), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              stop=req.stop_list(), ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs,
                               timeout_s=self.request_timeout_s)  # fmt: skip
 
     def start(self, record: RequestRecord, prompts: list[list[int]], params: list[SamplingParams]):
