@@ -1,0 +1,269 @@
+"""The r1-tiny recipe: tokenizer -> pretraining -> cold-start SFT -> GRPO, on a CPU, in one command.
+
+    deepseek recipe r1-tiny --out runs/r1-tiny            # all stages; a finished stage is skipped on rerun
+    deepseek recipe r1-tiny --out runs/r1-tiny --stages tokenizer,pretrain,sft
+    python -m deepseek.train.recipe --out runs/r1-tiny    # the same without the CLI
+
+Stages and what they leave under <out>:
+    tokenizer/   byte-level BPE (1K vocab, one token per digit) trained on task text + prose
+    pretrain/    next-token training on plain-text problems with worked solutions (+ passkey, countdown, prose)
+    sft/         cold-start SFT on chat examples: reasoning inside <think>, then the answer (assistant-only loss)
+    grpo/        GRPO with rule-based rewards (grader accuracy + <think> format) on prompts only, including
+                 harder ones (more digits) than any SFT trace
+    recipe.json  the resolved recipe and the wall-clock seconds of each stage
+
+The model is DeepSeek-V3 in miniature: MLA, DeepSeekMoE (1 shared + 8 routed experts, top-2, sigmoid gates,
+group-limited routing, auxiliary-loss-free bias balancing), one MTP module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import preset
+
+STAGES = ("tokenizer", "pretrain", "sft", "grpo")
+IGNORE = -100
+
+
+def r1_tiny_model() -> dict:
+    """R1Config fields of r1-tiny (about 2M parameters)."""
+    return dict(
+        vocab_size=1024, hidden_size=128, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32,
+        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
+        first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=1024,
+        num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+@dataclass
+class RecipeConfig:
+    out_dir: str = "runs/r1-tiny"
+    model: dict = field(default_factory=r1_tiny_model)
+    vocab_size: int = 1024
+    seed: int = 0
+    # which digits the supervised stages see (traces); GRPO also gets prompts with more digits
+    sft_digits: tuple = (1, 2, 3)
+    mul_digits: tuple = (1, 2)
+    # pretraining
+    pretrain_examples: int = 24000  # problems with worked solutions, as plain text
+    pretrain_steps: int = 700
+    pretrain_seq_len: int = 256
+    pretrain_batch: int = 8
+    pretrain_lr: float = 3e-3
+    # cold-start SFT
+    sft_examples: int = 6000
+    sft_steps: int = 200
+    sft_seq_len: int = 256
+    sft_batch: int = 8
+    sft_lr: float = 1e-3
+    # GRPO (fields of GRPOConfig, merged over its defaults)
+    grpo: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("pretrain_examples", "pretrain_steps", "pretrain_seq_len", "pretrain_batch", "sft_examples",
+                     "sft_steps", "sft_seq_len", "sft_batch", "vocab_size"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"RecipeConfig.{name} must be a positive integer, got {value!r}")
+        self.sft_digits, self.mul_digits = tuple(self.sft_digits), tuple(self.mul_digits)
+        if not self.sft_digits or min(self.sft_digits) < 1:
+            raise ValueError(f"RecipeConfig.sft_digits must be digit counts >= 1, got {self.sft_digits}")
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+
+def recipe(name: str, **overrides) -> RecipeConfig:
+    """Named recipes: `r1-tiny` (the bundled model, ~1 h on 2 CPU cores) and `debug` (a minute, for tests)."""
+    if name == "r1-tiny":
+        return RecipeConfig(**overrides)
+    if name == "debug":
+        small = dict(r1_tiny_model(), vocab_size=384, hidden_size=48, intermediate_size=96, moe_intermediate_size=32,
+                     num_hidden_layers=2, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                     v_head_dim=8)  # fmt: skip
+        kw = dict(model=small, vocab_size=384, pretrain_examples=300, pretrain_steps=4, pretrain_batch=4,
+                  pretrain_seq_len=128, sft_examples=100, sft_steps=4, sft_batch=4, sft_seq_len=192,
+                  sft_digits=(1, 2), mul_digits=(1,),
+                  grpo=dict(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=48, tasks=["addition:1", "addition:2"],
+                            eval_tasks=["addition:2"], eval_every=0, eval_examples=4, save_every=2))  # fmt: skip
+        kw.update(overrides)
+        return RecipeConfig(**kw)
+    raise ValueError(f"unknown recipe {name!r}; choose one of: r1-tiny, debug")
+
+
+# ---------------------------------------------------------------------------- data
+def task_examples(cfg: RecipeConfig, n: int, seed: int) -> list[dict]:
+    """A reasoning mixture: ~80% arithmetic (add/sub over sft_digits, mul over mul_digits), the rest countdown
+    (3 numbers) and short passkey retrieval. Deterministic in (n, seed)."""
+    from ..tasks import get_task
+
+    plan = [("addition", d, 0.30 / len(cfg.sft_digits)) for d in cfg.sft_digits]
+    plan += [("subtraction", d, 0.30 / len(cfg.sft_digits)) for d in cfg.sft_digits]
+    plan += [("multiplication", d, 0.20 / len(cfg.mul_digits)) for d in cfg.mul_digits]
+    plan += [("countdown", 3, 0.10), ("passkey", 64, 0.05), ("passkey", 96, 0.05)]
+    out = []
+    for name, difficulty, share in plan:
+        out += get_task(name).generate(max(1, round(n * share)), seed=seed, difficulty=difficulty)
+    return out
+
+
+def pretrain_records(cfg: RecipeConfig) -> list[dict]:
+    from ..tasks.filler import PROSE
+
+    texts = [{"text": f"{ex['prompt']}\n{ex['reasoning']}\nAnswer: {ex['answer']}"}
+             for ex in task_examples(cfg, cfg.pretrain_examples, seed=cfg.seed + 1)]  # fmt: skip
+    paragraphs = [p.strip() for p in PROSE.split("\n\n") if p.strip()]
+    return texts + [{"text": p} for p in paragraphs] * 4
+
+
+def sft_records(cfg: RecipeConfig) -> list[dict]:
+    return [{"messages": ex["messages"]} for ex in task_examples(cfg, cfg.sft_examples, seed=cfg.seed + 2)]
+
+
+def training_prompts(cfg: RecipeConfig) -> set[str]:
+    """Every prompt the supervised stages trained on (held-out evaluation excludes them)."""
+    exs = task_examples(cfg, cfg.pretrain_examples, cfg.seed + 1) + task_examples(cfg, cfg.sft_examples, cfg.seed + 2)
+    return {ex["prompt"] for ex in exs}
+
+
+# ---------------------------------------------------------------------------- stages
+def stage_done(stage_dir: Path, steps: int) -> Path | None:
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(stage_dir)
+    return last if last is not None and last.name == f"step_{steps:06d}" else None
+
+
+def run_tokenizer(cfg: RecipeConfig, out: Path) -> Path:
+    from ..tokenizer import default_corpus, train_tokenizer
+
+    folder = out / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    corpus = default_corpus(n_per_task=200, seed=cfg.seed) + [r["text"] for r in pretrain_records(cfg)[:3000]]
+    train_tokenizer(corpus, vocab_size=cfg.vocab_size, out_dir=folder)
+    return folder
+
+
+def _blocks(records, tokenizer, block_size: int, batch: int, seed: int, split_documents=None):
+    from .data import BatchIterator, prepare_data
+
+    data = prepare_data(records, tokenizer, block_size=block_size, val_fraction=0.02, split_documents=split_documents)
+    train_it = BatchIterator(data.train, batch_size=batch, seed=seed)
+    val_it = BatchIterator(data.val, batch_size=min(batch, len(data.val)), seed=0, shuffle=False) \
+        if data.val is not None and len(data.val) >= 1 else None  # fmt: skip
+    return train_it, val_it, data.stats
+
+
+def run_pretrain(cfg: RecipeConfig, out: Path, tok_dir: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from .trainer import train
+
+    stage = out / "pretrain"
+    done = stage_done(stage, cfg.pretrain_steps)
+    if done:
+        return done
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = dict(cfg.model, vocab_size=len(tokenizer))
+    train_it, val_it, stats = _blocks(pretrain_records(cfg), tokenizer, cfg.pretrain_seq_len, cfg.pretrain_batch,
+                                      cfg.seed)  # fmt: skip
+    print(f"pretrain data: {json.dumps(stats)}", flush=True)
+    tc = preset("tiny", out_dir=str(stage), model=model, tokenizer=str(tok_dir), seq_len=cfg.pretrain_seq_len,
+                batch_size=cfg.pretrain_batch, micro_batch_size=cfg.pretrain_batch, max_steps=cfg.pretrain_steps,
+                lr=cfg.pretrain_lr, warmup_steps=min(50, cfg.pretrain_steps // 10), eval_every=100,
+                save_every=100, seed=cfg.seed, mtp_loss_weight=0.3)  # fmt: skip
+    tc.model = model  # the r1-tiny shape exactly, not merged over the `tiny` preset's
+    metrics = train(tc, train_batches=train_it, val_batches=val_it)
+    return Path(metrics["checkpoint"])
+
+
+def run_sft(cfg: RecipeConfig, out: Path, init: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from .trainer import train
+
+    stage = out / "sft"
+    done = stage_done(stage, cfg.sft_steps)
+    if done:
+        return done
+    tokenizer = AutoTokenizer.from_pretrained(str(init))
+    train_it, val_it, stats = _blocks(sft_records(cfg), tokenizer, cfg.sft_seq_len, cfg.sft_batch, cfg.seed,
+                                      split_documents=False)  # fmt: skip
+    print(f"sft data: {json.dumps(stats)}", flush=True)
+    tc = preset("sft", out_dir=str(stage), init_from=str(init), tokenizer=str(init), seq_len=cfg.sft_seq_len,
+                batch_size=cfg.sft_batch, micro_batch_size=cfg.sft_batch, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
+                warmup_steps=min(20, cfg.sft_steps // 10), eval_every=100, save_every=100, seed=cfg.seed,
+                mtp_loss_weight=0.3)  # fmt: skip
+    metrics = train(tc, train_batches=train_it, val_batches=val_it)
+    return Path(metrics["checkpoint"])
+
+
+def run_grpo(cfg: RecipeConfig, out: Path, init: Path) -> Path:
+    from .rl.grpo import GRPOConfig, train_grpo
+
+    stage = out / "grpo"
+    gc = GRPOConfig(**{"out_dir": str(stage), "init_from": str(init), "seed": cfg.seed, **cfg.grpo})
+    gc.exclude_prompts = sorted(training_prompts(cfg)) if gc.eval_every or gc.eval_examples else []
+    return Path(train_grpo(gc)["model_dir"])
+
+
+def run_recipe(cfg: RecipeConfig, stages=STAGES) -> dict:
+    """Run the stages in order (skipping finished ones); returns {stage: output folder} and seconds per stage."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown recipe stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "recipe_config.json")
+    times_path = out / "recipe.json"
+    record = json.loads(times_path.read_text()) if times_path.is_file() else {"seconds": {}, "outputs": {}}
+    outputs = record["outputs"]
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        if name not in record["seconds"] or record["outputs"].get(name) != str(result):
+            record["seconds"][name] = record["seconds"].get(name, 0.0) + time.perf_counter() - t0
+        outputs[name] = str(result)
+        times_path.write_text(json.dumps(record, indent=2))
+        print(f"[recipe] {name}: {result} ({record['seconds'][name]:.0f} s)", flush=True)
+        return result
+
+    tok = timed("tokenizer", run_tokenizer, cfg, out) if "tokenizer" in stages else Path(outputs["tokenizer"])
+    if "pretrain" in stages:
+        timed("pretrain", run_pretrain, cfg, out, tok)
+    if "sft" in stages:
+        timed("sft", run_sft, cfg, out, Path(outputs["pretrain"]))
+    if "grpo" in stages:
+        timed("grpo", run_grpo, cfg, out, Path(outputs["sft"]))
+    record["total_seconds"] = sum(record["seconds"].values())
+    times_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run the r1-tiny recipe.")
+    parser.add_argument("name", nargs="?", default="r1-tiny")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy CPU)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = recipe(args.name, **({"out_dir": args.out} if args.out else {}))
+    print(json.dumps(run_recipe(cfg, [s.strip() for s in args.stages.split(",") if s.strip()])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

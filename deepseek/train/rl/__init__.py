@@ -1,0 +1,1 @@
+"""GRPO reinforcement learning: rollouts (rollout.py), the loss (loss.py) and the training stage (grpo.py)."""
