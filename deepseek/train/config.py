@@ -58,6 +58,7 @@ class TrainConfig:
     resume: bool = True  # continue from the latest complete checkpoint in out_dir
     parallel: str = "auto"  # auto: ddp under torchrun, none otherwise; "fsdp" = FSDP2 fully_shard
     device: str = "auto"
+    compile: bool = False  # torch.compile attention, norms and dense MLPs of every layer (MoE routing stays eager)
     progress: bool = True
 
     def __post_init__(self):

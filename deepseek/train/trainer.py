@@ -171,6 +171,24 @@ def parallelize(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
     return model
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile the static-shape parts of every decoder layer (attention, norms, dense MLP, shared experts);
+    the routed experts keep their data-dependent shapes in eager mode. The eager model is the reference path.
+    Returns how many modules were compiled."""
+    from ..model.moe import MoE
+
+    compiled = 0
+    base = getattr(model, "model", model)
+    for layer in getattr(base, "layers", []):
+        parts = [layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm]
+        parts.append(layer.mlp.shared_experts if isinstance(layer.mlp, MoE) else layer.mlp)
+        for part in parts:
+            if part is not None:
+                part.compile()
+                compiled += 1
+    return compiled
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) \
         else model  # fmt: skip
@@ -325,6 +343,8 @@ class Run:
         if self.resume_from is not None:
             ckpt.load_model_state(self.model, self.resume_from)
         self.model.to(device).train()
+        if config.compile:
+            compile_blocks(self.model)
         self.tracker = LoadTracker(self.model)
         self.wrapped = parallelize(self.model, self.mode, device)
         self.optimizer = torch.optim.AdamW(param_groups(self.wrapped, config.weight_decay), lr=config.lr,
