@@ -10,6 +10,8 @@ import sys
 SUBCOMMANDS = [
     # (module, one-line help) -- module.add_parser(subparsers) registers the subcommand(s)
     "deepseek.cli_generate",
+    "deepseek.cli_train",
+    "deepseek.cli_eval",
     "deepseek.cli_tokenizer",
     "deepseek.cli_serve",
 ]

@@ -1,0 +1,67 @@
+"""`deepseek eval`: perplexity and task accuracy (greedy, pass@k) of a checkpoint or bundled model.
+
+    deepseek eval --model deepseek/r1-tiny --task addition multiplication --n 100
+    deepseek eval --model runs/x/checkpoints/step_000500 --task countdown --k 8 --samples 16 --temperature 0.8
+    deepseek eval --model runs/x/checkpoints/step_000500 --ppl held_out.txt
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="perplexity and task accuracy (greedy / pass@k)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", required=True, help="checkpoint folder or bundled model name")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    p.add_argument("--ppl", nargs="*", default=[], help="files, folders or dataset names for perplexity")
+    p.add_argument("--seq-len", type=int, default=256, help="perplexity window")
+    p.add_argument("--task", nargs="*", default=[], help="task names (deepseek.tasks.TASKS)")
+    p.add_argument("--n", type=int, default=100, help="problems per task")
+    p.add_argument("--k", type=int, default=1, help="pass@k (1 = greedy accuracy)")
+    p.add_argument("--samples", type=int, help="samples per problem for pass@k (default k)")
+    p.add_argument("--temperature", type=float, help="default 0 for greedy, 0.8 for pass@k")
+    p.add_argument("--difficulty", type=int, help="task difficulty (default: the task's own)")
+    p.add_argument("--seed", type=int, default=12345, help="problem seed (keep it apart from training seeds)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from deepseek.tasks import TASKS
+
+    if not args.ppl and not args.task:
+        raise ValueError("nothing to evaluate: give --ppl FILE... and/or --task NAME...")
+    for name in args.task:
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
+    for source in args.ppl:
+        if ("/" in source or "." in source) and not Path(source).exists():
+            raise FileNotFoundError(f"--ppl {source}: no such file or folder")
+    from deepseek.eval import load_model_and_tokenizer, perplexity, task_accuracy
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
+    rows = []
+    for source in args.ppl:
+        r = perplexity(model, tokenizer, source, seq_len=args.seq_len, show_progress=True)
+        rows.append({"eval": "perplexity", "data": source, **r})
+    for name in args.task:
+        r = task_accuracy(model, tokenizer, name, n=args.n, seed=args.seed, difficulty=args.difficulty, k=args.k,
+                          samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, show_progress=True)  # fmt: skip
+        rows.append({"eval": f"pass@{args.k}" if args.k > 1 else "accuracy", "data": name, **r})
+    print(f"{'eval':<12}{'data':<28}{'score':>10}{'detail':>40}")
+    for r in rows:
+        if r["eval"] == "perplexity":
+            print(f"{r['eval']:<12}{r['data'][:27]:<28}{r['perplexity']:>10.3f}{r['tokens']:>34} tokens")
+        else:
+            detail = f"n={r['n']} reward={r['mean_reward']:.3f} format={r['format_rate']:.2f}"
+            print(f"{r['eval']:<12}{r['data'][:27]:<28}{r['accuracy']:>10.3f}{detail:>40}")
+    print(json.dumps({"model": str(args.model), "results": [{k: v for k, v in r.items() if k != "examples"}
+                                                           for r in rows]}))  # fmt: skip
+    return 0

@@ -1,0 +1,107 @@
+"""Task accuracy with the tasks' exact graders: greedy accuracy and pass@k with sampling, generated in batches
+on the fast decode path (static latent cache, left padding).
+
+Legend: B prompts per batch, T prompt tokens (left-padded).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..model.generate import generate
+
+
+def load_model_and_tokenizer(name_or_path, tokenizer=None, device: str = "cpu"):
+    """A checkpoint folder or bundled model name, and its tokenizer (from `tokenizer` or the same folder)."""
+    from transformers import AutoTokenizer
+
+    from ..compat.checkpoint import resolve
+    from ..model.transformer import R1ForCausalLM
+
+    path = resolve(name_or_path)
+    tok_dir = Path(tokenizer) if tokenizer else path
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer <folder>")
+    model = R1ForCausalLM.from_pretrained(path, device=device).eval()
+    return model, AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def prompt_ids(tokenizer, example: dict) -> list[int]:
+    """The chat prompt of an example (its turns before the assistant answer) with the generation prompt."""
+    messages = example.get("messages") or [{"role": "user", "content": example["prompt"]}]
+    turns = [m for m in messages if m["role"] != "assistant"]
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids_BT = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids_BT[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask_BT[b, T - len(r) :] = 1
+    return ids_BT, mask_BT
+
+
+def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256,
+                         temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
+                         show_progress: bool = False) -> list[str]:  # fmt: skip
+    """Decoded completions (special tokens dropped, <think> tags kept), one per prompt, in order."""
+    from tqdm.auto import tqdm
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out: list[str] = []
+    bar = tqdm(total=len(prompts), desc="generate", unit="seq", disable=not show_progress)
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[i : i + batch_size], pad)
+        res = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id, seed=seed + i)  # fmt: skip
+        out += [tokenizer.decode(t, skip_special_tokens=True) for t in res.new_tokens]
+        bar.update(len(res.new_tokens))
+    bar.close()
+    return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def task_accuracy(model, tokenizer, task: str, n: int = 100, seed: int = 12345, difficulty: int | None = None,
+                  k: int = 1, samples: int | None = None, temperature: float | None = None,
+                  max_new_tokens: int = 256, batch_size: int = 16, show_progress: bool = False) -> dict:  # fmt: skip
+    """Greedy accuracy (k=1, temperature 0) or pass@k from `samples` (>= k) sampled completions per problem.
+
+    Returns {"task", "n", "k", "accuracy" (greedy or pass@k), "mean_reward", "format_rate", "examples"}."""
+    from ..tasks import format_reward, get_task
+
+    if n < 1 or k < 1:
+        raise ValueError(f"n and k must be >= 1, got n={n}, k={k}")
+    samples = samples or k
+    if samples < k:
+        raise ValueError(f"samples={samples} must be >= k={k}")
+    temperature = (0.0 if k == 1 and samples == 1 else 0.8) if temperature is None else temperature
+    if samples > 1 and temperature <= 0:
+        raise ValueError("pass@k with several samples needs temperature > 0 (greedy samples are identical)")
+    grader = get_task(task)
+    examples = grader.generate(n, seed=seed, difficulty=difficulty)
+    prompts = [prompt_ids(tokenizer, ex) for ex in examples for _ in range(samples)]
+    completions = generate_completions(model, tokenizer, prompts, max_new_tokens, temperature,
+                                       batch_size=batch_size, seed=seed, show_progress=show_progress)  # fmt: skip
+    rewards = [grader.grade(examples[i // samples], c) for i, c in enumerate(completions)]
+    correct = [sum(r >= 1.0 for r in rewards[j * samples : (j + 1) * samples]) for j in range(n)]
+    score = sum(pass_at_k(samples, c, k) for c in correct) / n
+    return {
+        "task": task, "n": n, "k": k, "samples": samples, "temperature": temperature,
+        "difficulty": examples[0].get("difficulty"), "accuracy": score,
+        "mean_reward": sum(rewards) / len(rewards),
+        "format_rate": sum(format_reward(c) for c in completions) / len(completions),
+        "examples": [{"prompt": examples[0]["prompt"], "completion": completions[0], "reward": rewards[0]}],
+    }  # fmt: skip
