@@ -63,8 +63,9 @@ class RecipeConfig:
     sft_seq_len: int = 256
     sft_batch: int = 8
     sft_lr: float = 1e-3
-    # GRPO (fields of GRPOConfig, merged over its defaults)
-    grpo: dict = field(default_factory=dict)
+    # GRPO (fields of GRPOConfig, merged over its defaults); sized for ~15 min on 2 busy cores
+    grpo: dict = field(default_factory=lambda: dict(steps=40, prompts_per_step=6, group_size=6, max_new_tokens=224,
+                                                    lr=2e-4, beta=0.02, eval_every=10, eval_examples=16))
 
     def __post_init__(self):
         for name in ("pretrain_examples", "pretrain_steps", "pretrain_seq_len", "pretrain_batch", "sft_examples",
@@ -255,15 +256,56 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy CPU)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--bundle", action="store_true", help="copy sft -> deepseek/r1-base, grpo -> deepseek/r1-tiny")
+    return run_cli(parser.parse_args(argv))
+
+
+def run_cli(args) -> int:
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    cfg = recipe(args.name, **({"out_dir": args.out} if args.out else {}))  # validates before any work
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    cfg = recipe(args.name, **({"out_dir": args.out} if args.out else {}))
-    print(json.dumps(run_recipe(cfg, [s.strip() for s in args.stages.split(",") if s.strip()])))
+    record = run_recipe(cfg, stages)
+    if args.bundle:
+        outputs = record["outputs"]
+        note = {"recipe": args.name, "seconds": record["seconds"], "total_seconds": record.get("total_seconds")}
+        for stage, name in (("sft", "r1-base"), ("grpo", "r1-tiny")):
+            if stage in outputs:
+                print(f"[recipe] bundled {bundle(outputs[stage], name, note=dict(note, stage=stage))}", flush=True)
+    print(json.dumps(record))
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------- bundling
+BUNDLE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                "special_tokens_map.json", "generation_config.json")  # fmt: skip
+
+
+def bundle(model_dir, name: str, bundled_dir=None, note: dict | None = None) -> Path:
+    """Copy a trained model folder (weights, config, tokenizer) into the package as `deepseek/<name>`,
+    so `R1Model.from_pretrained("deepseek/<name>")` works offline. Optimizer/trainer state is left behind."""
+    import shutil
+
+    from ..compat.checkpoint import BUNDLED_DIR
+
+    src = Path(model_dir)
+    if not (src / "config.json").is_file() or not (src / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{src} is not a model folder (needs config.json and model.safetensors)")
+    dst = Path(bundled_dir or BUNDLED_DIR) / name
+    tmp = dst.with_name(f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in BUNDLE_FILES:
+        if (src / f).is_file():
+            shutil.copy2(src / f, tmp / f)
+    if note:
+        (tmp / "training.json").write_text(json.dumps(note, indent=2))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst

@@ -1,0 +1,81 @@
+"""`deepseek chat` on the bundled r1-tiny: streaming with reasoning apart and dimmed, multi-turn history without
+earlier reasoning, /reset, Ctrl-C stopping one generation (not the program), one-shot --prompt."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from deepseek.cli_chat import DIM, RESET, ChatSession, split_reasoning
+from deepseek.cli_generate import load_model_and_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model_and_tokenizer("deepseek/r1-tiny")
+
+
+def test_split_reasoning():
+    assert split_reasoning("<think>\nadd the columns\n</think>\n\n579") == ("add the columns", "579")
+    assert split_reasoning("<think>\nstill thinking") == ("still thinking", None)
+    assert split_reasoning("<thi") == ("<thi", None) or split_reasoning("<thi")[1] is None  # a tag being typed
+    assert split_reasoning("just an answer") == ("", "just an answer")
+
+
+def test_reply_streams_reasoning_dim_then_answer(tiny):
+    model, tok = tiny
+    out = io.StringIO()
+    session = ChatSession(model, tok, out=out, color=True, max_new_tokens=256)
+    reply = session.send("What is 123 + 456?")
+    assert not reply.stopped and reply.answer == "579"
+    assert "column" in reply.reasoning
+    text = out.getvalue()
+    assert text.startswith(DIM) and RESET in text
+    answer_at = text.rindex("579")
+    assert text.rfind(DIM, 0, answer_at) < text.rfind(RESET, 0, answer_at)  # the answer is not dimmed
+    # history: the answer only (R1 drops earlier reasoning), then a second turn and a reset
+    assert session.history == [{"role": "user", "content": "What is 123 + 456?"}, {"role": "assistant", "content": "579"}]
+    reply2 = session.send("What is 20 + 31?")
+    assert reply2.answer == "51" and len(session.history) == 4
+    session.reset()
+    assert session.history == []
+
+
+def test_ctrl_c_stops_generation_not_the_session(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok, out=io.StringIO(), color=False, max_new_tokens=256)
+    session.on_step = lambda step: signal.raise_signal(signal.SIGINT) if step == 3 else None
+    reply = session.send("What is 123 + 456?")  # a real SIGINT mid-generation: no KeyboardInterrupt escapes
+    assert reply.stopped and reply.tokens <= 5 and session.history == []
+    session.on_step = None
+    assert session.send("What is 123 + 456?").answer == "579"  # the next turn works
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was restored
+
+
+def _cli(*args, stdin=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "deepseek.cli", "chat", *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
+
+
+def test_cli_one_shot_and_interactive():
+    r = _cli("--prompt", "What is 12 + 34?", "--color", "never")
+    assert r.returncode == 0, r.stderr
+    assert "[thinking]" in r.stdout and "[answer]" in r.stdout and r.stdout.strip().endswith("46")
+    r = _cli("--color", "never", stdin="What is 2 + 3?\n/reset\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "[conversation reset]" in r.stdout and "\n5\n" in r.stdout
+
+
+def test_cli_bad_input_is_one_line():
+    r = _cli("--model", "deepseek/nope", "--prompt", "hi")
+    assert r.returncode == 2 and "deepseek/r1-tiny" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("--max-new-tokens", "0", "--prompt", "hi")
+    assert r.returncode == 2 and "--max-new-tokens" in r.stderr
