@@ -14,6 +14,8 @@ SUBCOMMANDS = [
     "deepseek.cli_eval",
     "deepseek.cli_tokenizer",
     "deepseek.cli_serve",
+    "deepseek.cli_recipe",
+    "deepseek.cli_chat",
 ]
 
 
