@@ -312,16 +312,17 @@ def test_schemathesis_finds_no_5xx(stack):
 
     schema = schemathesis.openapi.from_url(stack["url"] + "/openapi.json")
     headers = {"Authorization": f"Bearer {stack['secret']}"}
-    for path, method in [("/v1/chat/completions", "POST"), ("/v1/completions", "POST"), ("/v1/models", "GET"),
-                         ("/health", "GET")]:  # fmt: skip
-        op = schema[path][method]
-
+    def make_check(path, op):
         @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
-        def check(case, path=path):
+        def check(case):
             resp = case.call(base_url=stack["url"], headers=headers)
             assert resp.status_code < 500, f"{path}: {resp.status_code} {resp.text[:300]}"
             if resp.status_code >= 400:
                 assert "error" in resp.json()
 
-        check()
+        return check
+
+    for path, method in [("/v1/chat/completions", "POST"), ("/v1/completions", "POST"), ("/v1/models", "GET"),
+                         ("/health", "GET")]:  # fmt: skip
+        make_check(path, schema[path][method])()

@@ -140,3 +140,47 @@ def test_cli_keys_and_usage(tmp_path, capsys):
     assert "revoked" in run("keys", "--db", url, "list").stdout
     bad = run("keys", "--db", url, "create", "x", "--tier", "gold")
     assert bad.returncode == 2 and "unknown tier" in bad.stderr
+
+
+def test_http_server_meters_into_postgresql(pg_url, tmp_path):
+    """The whole stack on PostgreSQL: the openai client streams, the usage row lands in the server's database."""
+    import openai
+    from test_serve_support import LiveServer, make_model_dir
+
+    from deepseek.serve.api import create_app
+    from deepseek.serve.engine import Engine, EngineConfig
+
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS usage, api_keys, schema_migrations CASCADE"))
+    engine.dispose()
+    billing = Billing(pg_url)
+    model = Engine.from_pretrained(str(make_model_dir(tmp_path / "m")), EngineConfig(max_running=4))
+    app = create_app(model, billing, auth=True)
+    secret, key = billing.create_key("pg-client", tier="basic")
+    try:
+        with LiveServer(app) as live:
+            c = openai.OpenAI(base_url=live.url + "/v1", api_key=secret, max_retries=0)
+            chunks = list(c.chat.completions.create(model=model.model_name, max_tokens=5, stream=True,
+                                                    messages=[{"role": "user", "content": "hi"}],
+                                                    stream_options={"include_usage": True}))  # fmt: skip
+            app.state.server.writer.flush()
+    finally:
+        model.close()
+    (row,) = billing.usage_records(key.id)
+    assert row["request_id"] == chunks[0].id and row["completion_tokens"] == chunks[-1].usage.completion_tokens
+    assert billing.get_key(key.id).spent_usd == pytest.approx(chunks[-1].usage.total_tokens / 1000 * 0.001)
+    billing.close()
+
+
+def test_auth_is_on_by_default_beyond_localhost():
+    from deepseek.cli_serve import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.com")
+
+
+def test_serve_with_a_missing_model_is_one_clear_error(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "nope"), "--db", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and len(err.strip().splitlines()) == 1

@@ -72,22 +72,23 @@ class Server:
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
                            f"{self.engine.model_name!r}", "model_not_found", "model")  # fmt: skip
 
-    def params(self, req, max_tokens: int, prompt_len: int, logprobs=None, prompt_logprobs=None) -> SamplingParams:
+    def params(self, req, max_tokens: int, prompt_len: int, logprobs=None, prompt_logprobs=None,
+               parse_reasoning: bool = True) -> SamplingParams:  # fmt: skip
         limit = self.engine.max_model_len
         if prompt_len >= limit or prompt_len + max_tokens > limit:
             what = "the prompt" if prompt_len >= limit else "the prompt plus max_tokens"
             raise APIError(400, f"{what} ({prompt_len} + {max_tokens} tokens) exceeds the context length "
                            f"({limit} tokens)", "context_length_exceeded", "messages")  # fmt: skip
         try:
-            return self._params(req, max_tokens, logprobs, prompt_logprobs)
+            return self._params(req, max_tokens, logprobs, prompt_logprobs, parse_reasoning)
         except ValueError as exc:
             raise APIError(400, str(exc), "invalid_value") from None
 
-    def _params(self, req, max_tokens, logprobs, prompt_logprobs) -> SamplingParams:
+    def _params(self, req, max_tokens, logprobs, prompt_logprobs, parse_reasoning) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                               top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
                               stop=req.stop_list(), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs,
+                              prompt_logprobs=prompt_logprobs, parse_reasoning=parse_reasoning,
                               timeout_s=self.request_timeout_s)  # fmt: skip
 
     def start(self, record: RequestRecord, prompts: list[list[int]], params: list[SamplingParams]):
@@ -232,7 +233,8 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             all_ids, all_params = [], []
             for ids in ids_list:
                 p = server.params(req, max_tokens, len(ids), logprobs=req.logprobs,
-                                  prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+                                  prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                                  parse_reasoning=False)
                 for i in range(req.n):
                     all_ids.append(ids)
                     all_params.append(_seeded(p, req.seed, i))

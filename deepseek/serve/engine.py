@@ -88,7 +88,7 @@ class Engine:
             params.timeout_s = self.config.default_timeout_s
         tail = self.tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False)
         starts_thinking = tail.rstrip().endswith(THINK_OPEN)  # R1 chat templates open the answer with <think>
-        stream = TextStream(self.tokenizer, params.stop, starts_thinking, self.skip_ids)
+        stream = TextStream(self.tokenizer, params.stop, starts_thinking, self.skip_ids, params.parse_reasoning)
         seq = Sequence(prompt_ids, params, stream, request_id)
         seq.listeners.append(listener)
         with self._lock:

@@ -29,6 +29,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (None: none)
     prompt_logprobs: int | None = None  # top-k logprobs per prompt token (echo + logprobs)
     timeout_s: float | None = None
+    parse_reasoning: bool = True  # split <think>...</think> out as reasoning (chat); False: raw text (completions)
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -62,8 +63,10 @@ class Output:
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: list[str], starts_in_reasoning: bool, skip_ids: set[int]):
+    def __init__(self, tokenizer, stop: list[str], starts_in_reasoning: bool, skip_ids: set[int],
+                 parse_reasoning: bool = True):  # fmt: skip
         self.tokenizer = tokenizer
+        self.parse_reasoning = parse_reasoning
         self.stop = stop
         self.skip_ids = skip_ids
         self.in_reasoning_at_start = starts_in_reasoning
@@ -74,6 +77,8 @@ class TextStream:
 
     def split(self, text: str) -> tuple[str, str, bool]:
         """(reasoning, content, reasoning_closed) of the visible text."""
+        if not self.parse_reasoning:
+            return "", text, False
         body = text
         in_reasoning = self.in_reasoning_at_start
         if not in_reasoning and body.lstrip().startswith(THINK_OPEN):
@@ -108,7 +113,7 @@ class TextStream:
         if text.endswith("\ufffd"):
             return len(text) - len(text.rstrip("\ufffd"))
         n = 0
-        for s in [*self.stop, THINK_CLOSE, THINK_OPEN]:
+        for s in [*self.stop, *((THINK_CLOSE, THINK_OPEN) if self.parse_reasoning else ())]:
             for k in range(min(len(s) - 1, len(text)), n, -1):
                 if text.endswith(s[:k]):
                     n = k
@@ -118,6 +123,8 @@ class TextStream:
     def reasoning_tokens(self, n_generated: int) -> int:
         if self.reasoning_closed_at is not None:
             return self.reasoning_closed_at
+        if not self.parse_reasoning:
+            return 0
         return n_generated if (self.in_reasoning_at_start or self.sent_reasoning) else 0
 
 
