@@ -79,7 +79,9 @@ def run_serve(args) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
-        engine.close()
+        engine.close()  # finishes what runs as cancelled, so every request still gets its usage row
+        if app.state.server.writer:
+            app.state.server.writer.flush()
     return 0
 
 
