@@ -222,3 +222,24 @@ def test_extend_context_sets_yarn():
     after = model.model.rotary_emb.inv_freq
     assert torch.equal(after[0], before[0])  # highest frequency kept
     assert math.isclose(after[-1].item(), before[-1].item() / 8, rel_tol=1e-5)  # lowest interpolated
+
+
+# ---------------------------------------------------------------------- passkey data
+def test_passkey_prompts_and_pose_batches():
+    import random
+
+    from deepseek.model.longctx.passkey import ANSWER_PREFIX, passkey_sample, training_batch
+
+    rng = random.Random(0)
+    for n in (400, 5000):
+        ids, key = passkey_sample(rng, n)
+        text = bytes(ids.tolist()).decode()
+        assert ids.numel() <= n and text.endswith(ANSWER_PREFIX) and f"The pass key is {key}." in text
+        assert len(key) == 5 and key.isdigit()
+    ids, labels, pos = training_batch(rng, 16, 400, max_position=131072)
+    assert ids.shape == labels.shape == pos.shape == (16, 400)
+    assert bool((pos[:, 1:] > pos[:, :-1]).all())  # strictly increasing positions, one gap per row
+    assert int(pos.max()) < 131072 and int((pos[:, -1] - pos[:, 0]).max()) > 10000  # long distances are seen
+    for row, lab in zip(ids, labels):
+        text = bytes(row[lab != -100].tolist()).decode()
+        assert text.endswith(".") and text.rstrip(".")[-5:].isdigit()  # the answer ends the labelled part

@@ -14,11 +14,12 @@ Per layer, the positions 0..L-1 live in exactly one of three places:
 A block is sealed (quantised, summarised) only once it has left the window, and only *after* the attention
 of the step that appended it, so every query sees its own chunk and the window at full precision.
 Scores are taken in the absorbed MLA form: q_lat . kv + q_pe . pe; the value is the latent kv itself, so a
-block's mean latent serves as both its coarse key and its coarse value. Block selection scores each block by the
-Quest upper bound of q . key, sum_k max(q_k * max_k, q_k * min_k), plus the score against the block mean (as
-NSA's compressed branch); both are softmaxed over blocks per query and head and summed over the tile's
-queries and all heads (MLA has one shared latent "KV head", so
-selection is shared across heads as NSA does for a GQA group).
+block's mean latent serves as both its coarse key and its coarse value. Each sealed block keeps two summaries,
+its mean key and its per-channel radius max|key - mean|. Selection scores a block by a Quest-style upper bound
+of q . key, q . mean + |q| . radius, plus the score against the mean (as NSA's compressed branch); both are
+softmaxed over blocks per query and head and summed over the tile's queries and all heads (MLA has one
+shared latent "KV head", so selection is shared across heads as NSA does for a GQA group). A prefill tile
+selects with its mean query.
 
 `reconstruct` (all positions in order) and `update` are the reference path: with kv_quant_bits=0 and
 kv_topk_blocks >= the number of blocks, `attend` equals plain attention over `reconstruct` (tested).
@@ -48,10 +49,8 @@ class LayerStore:
         self.sink_kv = torch.zeros(B, c.sink_len, c.C, device=device, dtype=dtype)
         self.sink_pe = torch.zeros(B, c.sink_len, c.R, device=device, dtype=dtype)
         n, b, K = c.max_blocks, c.block, c.C + c.R
-        sdt = c.summary_dtype
-        self.kmin = torch.zeros(B, n, K, device=device, dtype=sdt)
-        self.kmax = torch.zeros(B, n, K, device=device, dtype=sdt)
-        self.kmean = torch.zeros(B, n, K, device=device, dtype=sdt)
+        self.kmean = torch.zeros(B, n, K, device=device, dtype=dtype)  # per block: mean key (and value)
+        self.kradius = torch.zeros(B, n, K, device=device, dtype=dtype)  # max |key - mean| per channel
         host = c.host_device
         if c.bits:
             def payload(dim):
@@ -91,7 +90,6 @@ class CompressedLatentCache:
         self.offload = config.kv_offload  # payload designated host memory (the same RAM on a CPU-only machine)
         self.host_device = torch.device(host_device or "cpu") if self.offload else self.device
         self.dtype = dtype
-        self.summary_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
         self.store = [LayerStore(self, batch_size, self.device, dtype) for _ in range(n_layers)]
 
     # ------------------------------------------------------------------ the cache interface
@@ -147,9 +145,9 @@ class CompressedLatentCache:
             pe = pe_BMR[:, n_sink * b :].unflatten(1, (-1, b))  # (B, m', b, R)
             lo, hi = st.n_blocks, st.n_blocks + kv.shape[1]
             keys = torch.cat((kv, pe), dim=-1)  # (B, m', b, K)
-            st.kmin[:, lo:hi] = keys.amin(2).to(self.summary_dtype)
-            st.kmax[:, lo:hi] = keys.amax(2).to(self.summary_dtype)
-            st.kmean[:, lo:hi] = keys.mean(2).to(self.summary_dtype)
+            mean = keys.mean(2)
+            st.kmean[:, lo:hi] = mean
+            st.kradius[:, lo:hi] = torch.maximum(keys.amax(2) - mean, mean - keys.amin(2))
             if self.bits:
                 for dst, src in ((st.kv_q, kv), (st.pe_q, pe)):
                     q = quantize(src, self.bits, dst.group)
@@ -172,16 +170,16 @@ class CompressedLatentCache:
         B = idx.shape[0]
         rows = torch.arange(B, device=self.host_device)[:, None, None]
         idx = idx.to(self.host_device)
+        def gather(x):  # (B, n, b, F) -> (B, X, k, b, F), whole blocks as contiguous rows
+            return x.flatten(2)[rows, idx].unflatten(-1, x.shape[2:]).to(self.device)
+
         if self.bits:
             out = []
             for q in (st.kv_q, st.pe_q):
-                part = Quantized(q.packed[rows, idx], q.step[rows, idx], q.low[rows, idx], q.bits, q.group)
-                part = Quantized(*(p.to(self.device) for p in (part.packed, part.step, part.low)), q.bits, q.group)
+                part = Quantized(gather(q.packed), gather(q.step), gather(q.low), q.bits, q.group)
                 out.append(dequantize(part, self.dtype).flatten(2, 3))  # (B, X, k*b, C|R)
             return out[0], out[1]
-        kv = st.kv_full[rows, idx].to(self.device).flatten(2, 3)
-        pe = st.pe_full[rows, idx].to(self.device).flatten(2, 3)
-        return kv, pe
+        return gather(st.kv_full).flatten(2, 3), gather(st.pe_full).flatten(2, 3)
 
     def reconstruct(self, layer_idx: int):
         """Every cached position in order, dequantised: (B, L, C), (B, L, R)."""
@@ -202,20 +200,18 @@ class CompressedLatentCache:
     def select_blocks(self, q_BXtHK: torch.Tensor, layer_idx: int, scale: float, valid_Xt=None):
         """Top-k sealed blocks per query tile. q (B, X, t, H, K) -> idx (B, X, k).
 
-        Importance per block = softmax over blocks of the Quest upper bound (catches a single sharp key when
-        keys concentrate on few channels) + softmax of the score against the block mean (NSA's compressed
-        attention; catches a sharp key when the bound is loose, as it is for near-isotropic latents)."""
+        Importance per block = softmax over blocks of a Quest-style upper bound of q . key, q . mean + |q| .
+        radius (catches a single sharp key when keys concentrate on few channels) + softmax of q . mean (NSA's
+        compressed attention; catches a sharp key when the bound is loose, as for near-isotropic latents).
+        Two summaries per block (mean, radius) instead of Quest's three (min, max, and a mean for coarse)."""
         st = self.store[layer_idx]
         n = st.n_blocks
         if q_BXtHK.shape[2] > 1:  # a prefill tile selects with its mean query: cost O(X) not O(T) per block
             weight = valid_Xt if valid_Xt is not None else q_BXtHK.new_ones(q_BXtHK.shape[1:3])
             q_BXtHK = (q_BXtHK * weight[None, :, :, None, None]).sum(2, keepdim=True)
             q_BXtHK = q_BXtHK / weight.sum(1)[None, :, None, None, None]
-        kmax = st.kmax[:, :n].to(q_BXtHK.dtype)  # (B, n, K)
-        kmin = st.kmin[:, :n].to(q_BXtHK.dtype)
-        bound = torch.einsum("bxthk,bnk->bxthn", q_BXtHK.clamp(min=0), kmax)
-        bound = bound + torch.einsum("bxthk,bnk->bxthn", q_BXtHK.clamp(max=0), kmin)
-        mean = torch.einsum("bxthk,bnk->bxthn", q_BXtHK, st.kmean[:, :n].to(q_BXtHK.dtype))
+        mean = torch.einsum("bxthk,bnk->bxthn", q_BXtHK, st.kmean[:, :n])  # q . block mean
+        bound = mean + torch.einsum("bxthk,bnk->bxthn", q_BXtHK.abs(), st.kradius[:, :n])  # >= q . any key
         importance = (bound * scale).softmax(-1, dtype=torch.float32)  # (B, X, t, H, n)
         importance = importance + (mean * scale).softmax(-1, dtype=torch.float32)
         importance = importance.sum((2, 3))  # (B, X, n)
@@ -266,7 +262,7 @@ class CompressedLatentCache:
             scores.append(torch.einsum("bxthk,bxsk->bhxts", q_BXtHK, k_BXSK) * scale)
             values.append(("tiled", kv))
             if self.coarse and st.n_blocks > idx_BXk.shape[-1]:
-                mean_BnK = st.kmean[:, : st.n_blocks].to(q_BTHK.dtype)
+                mean_BnK = st.kmean[:, : st.n_blocks]
                 s = torch.einsum("bxthk,bnk->bhxtn", q_BXtHK, mean_BnK) * scale + math.log(self.block)
                 chosen_BXn = torch.zeros(B, X, st.n_blocks, dtype=torch.bool, device=s.device)
                 chosen_BXn.scatter_(2, idx_BXk, True)
@@ -299,7 +295,7 @@ class CompressedLatentCache:
         full = summaries = payload = 0
         for st in self.store:
             full += sum(x.nbytes for x in (st.recent_kv, st.recent_pe, st.sink_kv, st.sink_pe))
-            summaries += st.kmin.nbytes + st.kmax.nbytes + st.kmean.nbytes
+            summaries += st.kmean.nbytes + st.kradius.nbytes
             if self.bits:
                 payload += st.kv_q.nbytes() + st.pe_q.nbytes()
             else:

@@ -45,8 +45,9 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> Quantized:
     q = q.flatten(-2)  # (..., C)
     per_byte = 8 // bits
     q = q.unflatten(-1, (C // per_byte, per_byte))  # (..., P, per_byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=x.device)
-    packed = (q << shifts).sum(-1, dtype=torch.uint8) if per_byte > 1 else q[..., 0]
+    packed = q[..., 0].clone()
+    for j in range(1, per_byte):  # scalar shifts on contiguous slices (a broadcast shift is ~2x slower)
+        packed |= q[..., j] << (j * bits)
     return Quantized(packed, step, low, bits, group)
 
 
@@ -55,8 +56,8 @@ def dequantize(q: Quantized, dtype=torch.float32) -> torch.Tensor:
     per_byte = 8 // q.bits
     mask = 2**q.bits - 1
     if per_byte > 1:
-        shifts = torch.arange(0, 8, q.bits, dtype=torch.uint8, device=q.packed.device)
-        codes = ((q.packed[..., None] >> shifts) & mask).flatten(-2)  # (..., C)
+        fields = [q.packed & mask] + [(q.packed >> (j * q.bits)) & mask for j in range(1, per_byte)]
+        codes = torch.stack(fields, dim=-1).flatten(-2)  # (..., C)
     else:
         codes = q.packed
     g = codes.unflatten(-1, (-1, q.group)).to(dtype)  # (..., G, group)

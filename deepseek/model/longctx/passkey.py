@@ -1,0 +1,195 @@
+"""Passkey retrieval with a byte-level model: training data with position skipping, and accuracy at any length.
+
+Legend: B batch, T tokens.
+
+    python -m deepseek.model.longctx.passkey train --out runs/passkey --steps 600   # ~10 min on 2 cores
+    python -m deepseek.model.longctx.passkey eval --model runs/passkey --lengths 4096,131072 --trials 10
+
+Prompts come from deepseek.tasks.passkey (Landmark template: random 5-digit key at a random depth in repeated
+filler; RULER-style multi-key with --keys N), tokenised as UTF-8 bytes (vocab 256), followed by
+"\\nThe pass key is " and the key. Training runs at a few hundred tokens, but with PoSE position skipping
+(Zhu et al. 2023): the position ids jump by a random gap at a random point, so the relative distances the
+model sees during training reach the evaluation length (128K) without 128K-token sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ANSWER_PREFIX = "\nThe pass key is "
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids; the interface deepseek.tasks.passkey needs to count tokens exactly."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def passkey_sample(rng: random.Random, length: int, keys: int = 1):
+    """(prompt ids (T,), key string): prompt + answer prefix is exactly <= `length` bytes."""
+    from deepseek.tasks.passkey import Passkey
+
+    task = Passkey(num_keys=keys, tokenizer=ByteTokenizer())
+    ex = task.make_example(rng, max(64, length - len(ANSWER_PREFIX)))
+    text = ex["prompt"] + ANSWER_PREFIX
+    return torch.tensor(list(text.encode("utf-8"))), str(ex["key"])
+
+
+def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1):
+    """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row."""
+    ids, labels, pos = [], [], []
+    for _ in range(batch):
+        n_keys = rng.randint(1, keys)
+        prompt, key = passkey_sample(rng, rng.randint(length // 2, length - 8), n_keys)
+        row = torch.cat((prompt, torch.tensor(list((key + ".").encode()))))
+        if row.numel() > length:
+            raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
+        row = torch.nn.functional.pad(row, (0, length - row.numel()), value=0)[:length]
+        lab = row.clone()
+        lab[prompt.numel() + len(key) + 1 :] = -100  # no loss on padding
+        split = rng.randint(1, length - 1)
+        gap = rng.randint(0, max(0, max_position - length)) if rng.random() < 0.8 else 0
+        p = torch.arange(length)
+        p[split:] += gap
+        ids.append(row)
+        labels.append(lab)
+        pos.append(p)
+    return torch.stack(ids), torch.stack(labels), torch.stack(pos)
+
+
+def small_config(**kw):
+    """The small byte-level model of the 128K runs (fits a 2-core CPU); MLA latent C=64, R=16."""
+    from deepseek import R1Config
+
+    base = dict(
+        vocab_size=256, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=2, num_nextn_predict_layers=0, max_position_embeddings=131072 + 512,
+        bos_token_id=0, eos_token_id=1, pad_token_id=0, kv_block_size=64, kv_window=512, kv_topk_blocks=16,
+    )  # fmt: skip
+    base.update(kw)
+    return R1Config(**base)
+
+
+def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: float = 3e-3, seed: int = 0,
+          max_position: int = 131072, keys: int = 1, threads: int | None = None) -> list[float]:  # fmt: skip
+    """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG."""
+    from deepseek import R1ForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    config = small_config(max_position_embeddings=max_position + 512)
+    model = R1ForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    losses = []
+    bar = tqdm(range(steps), desc="passkey train", unit="step")
+    for step in bar:
+        warm = min(1.0, (step + 1) / 30)
+        for g in opt.param_groups:
+            g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+        ids, labels, pos = training_batch(rng, batch, length, max_position, keys)
+        loss = model(ids, position_ids=pos, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (Path(out) / "train_log.json").write_text(json.dumps({"steps": steps, "batch": batch, "length": length,
+                                                          "lr": lr, "losses": losses}))  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.figure(figsize=(6, 3.5))
+    plt.plot(losses)
+    plt.xlabel("step")
+    plt.ylabel("loss (bytes)")
+    plt.title("passkey training")
+    plt.tight_layout()
+    plt.savefig(Path(out) / "loss.png", dpi=110)
+    return losses
+
+
+@torch.inference_mode()
+def passkey_accuracy(model, length: int, trials: int, compressed: bool, seed: int = 0, keys: int = 1,
+                     progress: bool = False) -> float:  # fmt: skip
+    """Fraction of `trials` prompts of `length` bytes whose greedy 5-digit answer equals the key."""
+    from .prefill import chunked_prefill, make_cache
+
+    rng = random.Random(seed)
+    hits = 0
+    chunk = model.config.prefill_chunk if compressed else 256
+    for _ in tqdm(range(trials), desc=f"passkey {length}", disable=not progress, leave=False):
+        prompt, key = passkey_sample(rng, length, keys)
+        ids = prompt[None]
+        cache = make_cache(model.config, 1, ids.shape[1] + len(key) + 1, compressed=compressed)
+        logits = chunked_prefill(model, ids, cache, chunk=chunk)
+        out = []
+        for i in range(len(key)):
+            tok = logits.argmax(-1)
+            out.append(int(tok))
+            pos = torch.tensor([[ids.shape[1] + i]])
+            h = model.model(input_ids=tok[:, None], position_ids=pos, cache=cache).last_hidden_state
+            logits = model.lm_head(h[:, -1])
+        hits += bytes(out).decode("utf-8", "replace") == key
+    return hits / trials
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--length", type=int, default=384)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--keys", type=int, default=1)
+    t.add_argument("--threads", type=int, default=None)
+    e = sub.add_parser("eval")
+    e.add_argument("--model", required=True)
+    e.add_argument("--lengths", default="4096,16384")
+    e.add_argument("--trials", type=int, default=10)
+    e.add_argument("--keys", type=int, default=1)
+    e.add_argument("--modes", default="full,compressed")
+    args = parser.parse_args()
+    if args.cmd == "train":
+        t0 = time.time()
+        losses = train(args.out, args.steps, args.batch, args.length, args.lr, keys=args.keys, threads=args.threads)
+        print(json.dumps({"final_loss": round(sum(losses[-20:]) / 20, 4), "seconds": round(time.time() - t0)}))
+        return
+    from deepseek import R1ForCausalLM
+
+    from .prefill import extend_context
+
+    model = R1ForCausalLM.from_pretrained(args.model).eval()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    extend_context(model, max(lengths) + 64)
+    result = {}
+    for n in lengths:
+        for mode in args.modes.split(","):
+            acc = passkey_accuracy(model, n, args.trials, mode == "compressed", seed=n, keys=args.keys, progress=True)
+            result[f"{n // 1024}k_{mode}"] = acc
+            print(f"{n:>7} {mode:<10} {acc:.2f}", flush=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
