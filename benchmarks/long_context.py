@@ -24,22 +24,10 @@ import time
 
 import torch
 
-from deepseek import R1Config, R1ForCausalLM
+from deepseek import R1ForCausalLM
 from deepseek.model.cache import LatentCache
 from deepseek.model.longctx import CompressedLatentCache, chunked_prefill, extend_context
-
-
-def bench_config(**kw) -> R1Config:
-    """A small byte-level model (the 128K run must fit a 2-core CPU); MLA latent C=64, R=16."""
-    base = dict(
-        vocab_size=256, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-        first_k_dense_replace=2, num_nextn_predict_layers=0, max_position_embeddings=131072 + 256,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, kv_block_size=64, kv_window=512, kv_topk_blocks=16,
-    )  # fmt: skip
-    base.update(kw)
-    return R1Config(**base)
+from deepseek.model.longctx.passkey import small_config
 
 
 def load_model(path: str | None, max_len: int):
@@ -48,7 +36,7 @@ def load_model(path: str | None, max_len: int):
         extend_context(model, max_len)
         return model
     torch.manual_seed(0)
-    return R1ForCausalLM(bench_config()).eval()
+    return R1ForCausalLM(small_config()).eval()
 
 
 def peak_rss_bytes() -> int:
@@ -165,7 +153,7 @@ def main():
     print(f"\n{'length':>8} {'mode':<11}{'dev MiB':>9}{'ratio':>7}{'offl.':>7}{'RSS MiB':>9}{'prefill s':>10}"
           f"{'ms/tok':>8}{'speedup':>8}{'passkey':>8}")  # fmt: skip
     result = {"hardware": f"{platform.machine()}, {args.threads} thread(s), fp32",
-              "model": args.model or "random bench_config"}  # fmt: skip
+              "model": args.model or "random small_config"}  # fmt: skip
     for n in lengths:
         f = next(r for r in rows if r["mode"] == "full" and r["length"] == n)
         c = next(r for r in rows if r["mode"] == "compressed" and r["length"] == n)

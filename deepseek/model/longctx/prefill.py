@@ -50,10 +50,23 @@ def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress:
     for s in range(0, T, chunk):
         ids = input_ids[:, s : s + chunk]
         pos = torch.arange(past + s, past + s + ids.shape[1], device=ids.device)[None].expand(B, -1)
-        h = model.model(input_ids=ids, position_ids=pos + start_position, cache=cache).last_hidden_state
+        h = backbone(model, ids, pos + start_position, cache)
         bar.update(ids.shape[1])
     bar.close()
     return model.lm_head(h[:, -1])
+
+
+def backbone(model, ids_BT, position_ids_BT, cache) -> torch.Tensor:
+    """model.model(...).last_hidden_state, minus the causal (B, T, S) mask when the cache is compressed: that
+    cache masks its own recent region, and at 128K one chunk's mask is 134M booleans built for nothing."""
+    if not getattr(cache, "is_compressed", False):
+        return model.model(input_ids=ids_BT, position_ids=position_ids_BT, cache=cache).last_hidden_state
+    bb = model.model
+    x_BTD = bb.embed_tokens(ids_BT)
+    cos, sin = bb.rotary_emb(position_ids_BT, x_BTD.dtype)
+    for layer in bb.layers:
+        x_BTD = layer(x_BTD, cos, sin, None, cache)
+    return bb.norm(x_BTD)
 
 
 @dataclass
