@@ -243,3 +243,17 @@ def test_passkey_prompts_and_pose_batches():
     for row, lab in zip(ids, labels):
         text = bytes(row[lab != -100].tolist()).decode()
         assert text.endswith(".") and text.rstrip(".")[-5:].isdigit()  # the answer ends the labelled part
+
+
+@torch.no_grad()
+def test_long_perplexity_lossless_equal_and_quantised_close():
+    from deepseek.model.longctx.passkey import essay_ids, long_perplexity
+
+    lossless = tiny_config(vocab_size=256, kv_quant_bits=0, kv_topk_blocks=1000, **LONG)
+    model = random_model(lossless)
+    ids = essay_ids(300)
+    full = long_perplexity(model, ids, compressed=False, chunk=64, skip=40)
+    assert long_perplexity(model, ids, compressed=True, chunk=64, skip=40) == pytest.approx(full, rel=1e-4)
+    model.config.kv_quant_bits, model.config.kv_topk_blocks = 4, 4
+    comp = long_perplexity(model, ids, compressed=True, chunk=64, skip=40)
+    assert comp != full and abs(math.log(comp / full)) < 0.5  # a random model: only a loose sanity bound

@@ -152,6 +152,38 @@ def passkey_accuracy(model, length: int, trials: int, compressed: bool, seed: in
     return hits / trials
 
 
+def essay_ids(length: int, seed: int = 0) -> torch.Tensor:
+    """`length` bytes of the project's prose filler (deepseek/tasks/filler.py), which repeats every ~4.6K
+    bytes: past the first cycle a model can predict it by copying from ~4.6K bytes back, beyond the window."""
+    from deepseek.tasks.filler import PROSE
+
+    text = " ".join(PROSE.split())
+    start = random.Random(seed).randrange(len(text))
+    reps = text[start:] + " " + (" " + text) * (length // len(text) + 2)
+    return torch.tensor(list(reps.encode("utf-8")[:length]))
+
+
+@torch.inference_mode()
+def long_perplexity(model, ids_T: torch.Tensor, compressed: bool, chunk: int = 512, skip: int = 0) -> float:
+    """Teacher-forced perplexity of ids (T,) fed chunk by chunk through the full or compressed cache, over the
+    positions >= skip (e.g. beyond the window, where the two caches differ)."""
+    from .prefill import backbone, make_cache
+
+    ids = ids_T[None]
+    cache = make_cache(model.config, 1, ids.shape[1], compressed=compressed)
+    nll, count = 0.0, 0
+    for s in range(0, ids.shape[1] - 1, chunk):
+        x = ids[:, s : s + chunk]
+        pos = torch.arange(s, s + x.shape[1])[None]
+        logits = model.lm_head(backbone(model, x, pos, cache))[0]  # (t, V)
+        target = ids[0, s + 1 : s + 1 + x.shape[1]]
+        keep = torch.arange(s, s + target.numel()) >= skip
+        lp = logits[: target.numel()].float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+        nll -= float(lp[keep].sum())
+        count += int(keep.sum())
+    return math.exp(nll / max(1, count))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -169,6 +201,7 @@ def main():
     e.add_argument("--trials", type=int, default=10)
     e.add_argument("--keys", type=int, default=1)
     e.add_argument("--modes", default="full,compressed")
+    e.add_argument("--ppl-lengths", default="", help="also perplexity on repeating prose of these lengths")
     args = parser.parse_args()
     if args.cmd == "train":
         t0 = time.time()
@@ -188,6 +221,13 @@ def main():
             acc = passkey_accuracy(model, n, args.trials, mode == "compressed", seed=n, keys=args.keys, progress=True)
             result[f"{n // 1024}k_{mode}"] = acc
             print(f"{n:>7} {mode:<10} {acc:.2f}", flush=True)
+    skip = model.config.kv_window + 2 * model.config.kv_block_size  # where the caches start to differ
+    for n in [int(x) for x in args.ppl_lengths.split(",") if x]:
+        ids = essay_ids(n)
+        for mode in args.modes.split(","):
+            ppl = long_perplexity(model, ids, mode == "compressed", skip=skip)
+            result[f"{n // 1024}k_ppl_{mode}"] = round(ppl, 4)
+            print(f"{n:>7} {mode:<10} perplexity {ppl:.4f}", flush=True)
     print(json.dumps(result))
 
 
