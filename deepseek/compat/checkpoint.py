@@ -107,6 +107,7 @@ def load_pretrained(cls, name_or_path, config: R1Config | None = None, dtype=Non
     path = resolve(name_or_path)
     overrides.pop("trust_remote_code", None)
     config = config or R1Config.from_pretrained(str(path), **overrides)
+    config._name_or_path = str(path)  # where the weights came from (the SDK finds the tokenizer there)
     dtype = dtype or torch_dtype
     if dtype in (None, "auto"):
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16

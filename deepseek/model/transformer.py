@@ -172,6 +172,12 @@ class R1ForCausalLM(R1PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def finetune(self, dataset, epochs: int = 1, **kwargs) -> dict:
+        """LoRA (default) or full fine-tuning on a path / dataset name / datasets.Dataset; see deepseek.train.finetune."""
+        from ..train.finetune import finetune
+
+        return finetune(self, dataset, epochs=epochs, **kwargs)
+
     def forward(
         self,
         input_ids=None,

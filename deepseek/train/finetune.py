@@ -1,0 +1,98 @@
+"""The three-line fine-tuning SDK:
+
+    from deepseek import R1Model
+    model = R1Model.from_pretrained("deepseek/r1-tiny")
+    metrics = model.finetune(dataset="custom_data.jsonl", epochs=5)   # LoRA (PEFT) by default, merged back
+    model.save_pretrained("my-model")
+
+`dataset`: a file or folder (jsonl/json/csv/parquet/txt), a dataset name in the local Hugging Face cache, a
+`datasets.Dataset`, or a list of dicts. Chat (`messages`), prompt/completion and question/answer records train
+on the assistant side only; `text` records train on every token. LoRA adapts the attention projections and
+the stacked routed/shared expert matrices; `lora=False` fine-tunes every weight. Everything that can be wrong
+with the data (missing file, empty data, unusable columns) is an error before training starts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+ATTENTION_TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]  # dense layers and shared experts (nn.Linear)
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]  # stacked (E, ., .) routed-expert weights
+
+
+def find_tokenizer(model, tokenizer):
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    candidates = [tokenizer, getattr(model.config, "_name_or_path", None)]
+    for c in candidates:
+        if c and (Path(c) / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(str(c))
+    raise ValueError("no tokenizer: the model was not loaded from a folder with tokenizer.json; pass "
+                     "tokenizer=<folder or tokenizer object>")  # fmt: skip
+
+
+def finetune(model, dataset, epochs: int = 1, lora: bool = True, lora_rank: int = 8, lora_alpha: int = 16,
+             lora_experts: bool = True, merge: bool = True, adapter_dir=None, tokenizer=None, lr: float | None = None,
+             batch_size: int = 8, micro_batch_size: int | None = None, seq_len: int = 512, val_fraction: float = 0.05,
+             max_steps: int | None = None, out_dir=None, seed: int = 0, progress: bool = True, **overrides) -> dict:  # fmt: skip
+    """Fine-tune `model` in place on `dataset`; returns the training metrics (see deepseek.train.trainer.train)
+    plus the data stats and the trainable parameter count. With LoRA and merge=True the adapters are merged
+    into the weights, so `model.save_pretrained` writes a plain checkpoint; with merge=False the PEFT model is
+    returned under metrics["peft_model"]; adapter_dir saves the adapter (PEFT format) either way."""
+    from .config import TrainConfig
+    from .data import BatchIterator, prepare_data
+    from .trainer import train
+
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if lora and lora_rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
+    if adapter_dir is not None and not lora:
+        raise ValueError("adapter_dir needs lora=True (full fine-tuning has no adapter)")
+    tok = find_tokenizer(model, tokenizer)
+    data = prepare_data(dataset, tok, block_size=seq_len, val_fraction=val_fraction, salt=str(seed),
+                        show_progress=progress)  # fmt: skip
+    n_blocks = len(data.train)
+    batch_size = min(batch_size, n_blocks)
+    micro = min(micro_batch_size or batch_size, batch_size)
+    while batch_size % micro:
+        micro -= 1
+    steps_per_epoch = n_blocks // batch_size
+    steps = max_steps or epochs * steps_per_epoch
+    peft_model = None
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                 target_modules=ATTENTION_TARGETS + MLP_TARGETS,
+                                 target_parameters=EXPERT_PARAMETERS if lora_experts else None)  # fmt: skip
+        peft_model = get_peft_model(model, peft_config)
+    trained = peft_model if peft_model is not None else model
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    config = TrainConfig(
+        out_dir=str(out_dir or tempfile.mkdtemp(prefix="deepseek-finetune-")), mode="sft", seq_len=seq_len,
+        batch_size=batch_size, micro_batch_size=micro, max_steps=steps, lr=lr or (1e-3 if lora else 1e-4),
+        warmup_steps=max(1, steps // 20), weight_decay=0.0, bias_update_speed=0.0 if lora else 0.001,
+        eval_every=max(1, steps_per_epoch), eval_batches=4, resume=False, seed=seed, progress=progress,
+        keep_checkpoints=1, **overrides,
+    )  # fmt: skip
+    train_it = BatchIterator(data.train, batch_size=batch_size, seed=seed)
+    val_it = None
+    if data.val is not None and len(data.val) > 0:
+        val_it = BatchIterator(data.val, batch_size=min(batch_size, len(data.val)), seed=0, shuffle=False)
+    metrics = train(config, model=trained, train_batches=train_it, val_batches=val_it)
+    metrics.update(data=data.stats, trainable_parameters=trainable, epochs=round(steps / max(steps_per_epoch, 1), 2),
+                   method="lora" if lora else "full")  # fmt: skip
+    if peft_model is not None:
+        if adapter_dir is not None:
+            peft_model.save_pretrained(str(adapter_dir))
+        if merge:
+            peft_model.merge_and_unload()  # folds B @ A into the base weights of `model`, in place
+        else:
+            metrics["peft_model"] = peft_model
+    model.eval()
+    return metrics
