@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "deepseek.cli_serve",
     "deepseek.cli_recipe",
     "deepseek.cli_chat",
+    "deepseek.cli_routing",
 ]
 
 

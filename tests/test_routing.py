@@ -286,3 +286,24 @@ def test_set_routing_rejects_bad_values_and_leaves_the_model_alone():
     with pytest.raises(ValueError, match="set_routing"):
         routing.calibrate(model, ids(), 2.0)
     assert isinstance(R1Config(), R1Config)  # real DeepSeek-V3 defaults still validate (k_max = 8 of 256)
+
+
+def test_cli_calibrates_a_checkpoint_and_reports_stats(tmp_path, capsys):
+    from deepseek.cli import main
+    from deepseek.tokenizer import train_tokenizer
+
+    text = " ".join(f"What is {a} + {b}? It is {a + b}." for a, b in zip(range(50, 350, 3), range(7, 900, 9)))
+    model = sharpen_routers(random_model(tiny_config(groups=False, num_experts_per_tok=4, vocab_size=320)))
+    model.save_pretrained(tmp_path / "m")
+    train_tokenizer([text], vocab_size=300, out_dir=str(tmp_path / "m"))
+    (tmp_path / "data.txt").write_text(text)
+    assert main(["routing", "calibrate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data.txt"),
+                 "--target-k", "2.5", "--out", str(tmp_path / "cal")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "thresholds" in out and "model.layers.2.mlp" in out
+    cal = R1ForCausalLM.from_pretrained(tmp_path / "cal")
+    assert cal.config.routing_mode == "entropy" and len(cal.config.routing_layer_thresholds) == 2
+    assert main(["routing", "stats", "--model", str(tmp_path / "cal"), "--data", str(tmp_path / "data.txt")]) == 0
+    mean_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mean")][0]
+    assert 2.0 <= float(mean_line.split()[1]) <= 2.5
+    assert main(["routing", "stats", "--model", str(tmp_path / "cal"), "--data", str(tmp_path / "nope.txt")]) == 2
