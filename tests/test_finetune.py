@@ -28,7 +28,7 @@ def base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def records():
-    return [{"messages": ex["messages"]} for ex in get_task("addition").generate(48, seed=3, difficulty=1)]
+    return [{"messages": ex["messages"]} for ex in get_task("addition").generate(32, seed=3, difficulty=1)]
 
 
 def write_jsonl(path, rows):
@@ -40,11 +40,11 @@ def test_lora_finetune_merges_and_saves(base_dir, records, tmp_path):
     data = write_jsonl(tmp_path / "custom_data.jsonl", records)
     model = R1Model.from_pretrained(base_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics = model.finetune(dataset=str(data), epochs=3, seq_len=128, batch_size=8, lr=5e-3, progress=False,
+    metrics = model.finetune(dataset=str(data), epochs=2, seq_len=128, batch_size=8, lr=1e-2, progress=False,
                              out_dir=tmp_path / "run")  # fmt: skip
     losses = list(metrics["losses"].values())
     assert metrics["method"] == "lora" and metrics["data"]["kind"] == "messages"
-    assert losses[-1] < losses[0] - 0.3, losses
+    assert len(losses) >= 6 and losses[-1] < losses[0] - 0.3, losses
     assert 0 < metrics["trainable_parameters"] < 0.5 * sum(v.numel() for v in before.values())
     after = model.state_dict()
     assert set(after) == set(before), "merged back into the plain model (no PEFT keys left)"
@@ -61,13 +61,13 @@ def test_lora_finetune_merges_and_saves(base_dir, records, tmp_path):
 def test_full_finetune_from_a_dataset_and_adapter_mode(base_dir, records, tmp_path):
     model = R1Model.from_pretrained(base_dir)
     emb = model.model.embed_tokens.weight.clone()
-    m = model.finetune(dataset=datasets.Dataset.from_list(records), epochs=1, lora=False, seq_len=128,
+    m = model.finetune(dataset=datasets.Dataset.from_list(records[:16]), epochs=1, lora=False, seq_len=128,
                        batch_size=8, progress=False, out_dir=tmp_path / "full")  # fmt: skip
     assert m["method"] == "full" and m["trainable_parameters"] == sum(p.numel() for p in model.parameters())
     assert not torch.equal(model.model.embed_tokens.weight, emb)
 
     model = R1Model.from_pretrained(base_dir)
-    m = model.finetune(dataset=records, epochs=1, seq_len=128, batch_size=8, progress=False, merge=False,
+    m = model.finetune(dataset=records[:16], epochs=1, seq_len=128, batch_size=8, progress=False, merge=False,
                        adapter_dir=tmp_path / "adapter", out_dir=tmp_path / "ad")  # fmt: skip
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert any("lora_A" in n for n, _ in m["peft_model"].named_parameters())
