@@ -162,6 +162,45 @@ def time_moe(variants: dict, inputs: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+@torch.inference_mode()
+def kernel_scaling(repeats: int = 5, n_tokens: int = 2048) -> list[dict]:
+    """Grouped expert execution alone (16 experts, k_max 4) at the model's size and at a wider one: fixed
+    k = 1..4 against a variable k per token (1..4, mean 2.6, the entropy mode's average): time follows the
+    number of assignments, with no padding to k_max."""
+    from deepseek.model.moe import experts_grouped
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for D, I in ((128, 64), (1024, 512)):
+        gate_up, down = torch.randn(16, 2 * I, D, generator=g) * 0.02, torch.randn(16, D, I, generator=g) * 0.02
+        x = torch.randn(n_tokens, D, generator=g)
+        full = torch.rand(n_tokens, 16, generator=g).argsort(1)[:, :4]
+        w = torch.rand(n_tokens, 4, generator=g)
+        k_var = torch.multinomial(torch.tensor([0.0, 0.15, 0.3, 0.3, 0.25]), n_tokens, True, generator=g)  # mean 2.65
+        cases = {f"fixed k={k}": torch.where(torch.arange(4) < k, full, -1) for k in (4, 3, 2, 1)}
+        cases["variable k"] = torch.where(torch.arange(4) < k_var[:, None], full, -1)
+        times = {name: [] for name in cases}
+        for _ in range(repeats + 1):
+            for name, idx in cases.items():
+                t = time.perf_counter()
+                experts_grouped(x, idx, w, gate_up, down)
+                times[name].append(time.perf_counter() - t)
+        base = statistics.median(times["fixed k=4"][1:])
+        for name, idx in cases.items():
+            t = statistics.median(times[name][1:])
+            a = int((idx >= 0).sum())
+            rows.append({"D": D, "I": I, "case": name, "avg_k": round(a / n_tokens, 3), "ms": round(t * 1e3, 3),
+                         "time_vs_k4": round(t / base, 3), "assign_vs_k4": round(a / (4 * n_tokens), 3)})  # fmt: skip
+    return rows
+
+
+def print_kernel(rows: list[dict]) -> None:
+    print(f"\n{'experts_grouped':<22}{'avg k':>7}{'ms':>10}{'time/k4':>9}{'assign/k4':>11}")
+    for r in rows:
+        print(f"{f'D={r[chr(68)]} I={r[chr(73)]} ' + r['case']:<22}{r['avg_k']:>7}{r['ms']:>10}"
+              f"{r['time_vs_k4']:>9}{r['assign_vs_k4']:>11}")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- plot
 def plot_pareto(points: list[dict], main: dict, path: Path) -> None:
     import matplotlib
@@ -198,11 +237,17 @@ def main():
     parser.add_argument("--entropy-weight", type=float, default=0.05, help="routing entropy regulariser weight")
     parser.add_argument("--out", default=None, help="folder for the plot and JSON (default docs/figures; "
                         "runs/routing_quick with --quick)")  # fmt: skip
+    parser.add_argument("--kernel-only", action="store_true", help="only the grouped-expert scaling table")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: other jobs share the CPU)")
     args = parser.parse_args()
     if not 1.0 <= args.target_k <= 4.0:
         parser.error(f"--target-k must be in 1..4 (k_min..k_max), got {args.target_k}")
     torch.set_num_threads(args.threads)
+    kernel = kernel_scaling(3 if args.quick else 7)
+    print_kernel(kernel)
+    if args.kernel_only:
+        print(json.dumps({"hardware": f"{platform.machine()} CPU, {args.threads} threads, fp32", "kernel": kernel}))
+        return
     args.steps = args.steps or (20 if args.quick else 1200 if args.long else 300)
     args.seq_len, args.batch = 256, 8
     n_val_blocks, n_task = (4, 8) if args.quick else (16, 64)
@@ -325,7 +370,7 @@ def main():
         "free_thresholds": [round(v, 4) for v in free_thresholds],
         "targets_met": {"flops_-27%": best["flops_reduction"] >= 0.27, "ppl_<=+1%": best["ppl_increase"] <= 0.01,
                         "moe_+20%": best["moe_prefill_speedup"] >= 1.2, "stretch_flops_-40%": best["flops_reduction"] >= 0.4},
-        "pareto": points,
+        "pareto": points, "kernel": kernel,
     }  # fmt: skip
     (out_dir / "routing_results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
