@@ -83,7 +83,8 @@ def update_router_bias(layers: list[MoE], counts: list[torch.Tensor], gamma: flo
 def sequence_aux_loss(layers: list[MoE], batch: int, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over MoE layers of the sequence-wise balance loss sum_i f_i P_i of the last forward (no alpha).
 
-    `mask_BT` (1 = real token) keeps padding out of both f and P."""
+    `mask_BT` (1 = real token) keeps padding out of both f and P. A layer that saw fewer positions per
+    sequence (an MTP depth sees T - k) uses the first ones of the mask."""
     losses = []
     for layer in layers:
         idx_NK, scores_NE = layer.last_routing
@@ -95,9 +96,8 @@ def sequence_aux_loss(layers: list[MoE], batch: int, mask_BT: torch.Tensor | Non
         hits_BTE = torch.zeros(batch, T, E + 1, device=scores_NE.device, dtype=scores_NE.dtype)
         hits_BTE.scatter_add_(2, idx_BTK.clamp_min(-1) % (E + 1), torch.ones_like(idx_BTK, dtype=scores_NE.dtype))
         hits_BTE = hits_BTE[..., :E]  # slot -1 maps to column E and is dropped
-        if mask_BT is None:
-            mask_BT = torch.ones(batch, T, device=scores_NE.device)
-        m = mask_BT.to(scores_NE.dtype)[..., None]
+        mask = torch.ones(batch, T, device=scores_NE.device) if mask_BT is None else mask_BT[:, :T]
+        m = mask.to(scores_NE.dtype)[..., None]
         n_tok_B = m.sum(1).clamp_min(1)  # (B, 1)
         f_BE = (hits_BTE * m).sum(1) * E / (K * n_tok_B)
         p_BE = (probs_BTE * m).sum(1) / n_tok_B
