@@ -28,8 +28,8 @@ from deepseek.tasks import get_task  # noqa: E402
 from deepseek.train.recipe import recipe, training_prompts  # noqa: E402
 from deepseek.train.rl.rollout import evaluate  # noqa: E402
 
-IN_DIST = ["addition:3", "subtraction:3", "multiplication:2"]
-HARDER = ["addition:4", "subtraction:4", "addition:5"]
+IN_DIST = ["addition:2", "subtraction:2", "addition:3", "subtraction:3", "multiplication:2"]
+HARDER = ["addition:4", "subtraction:4"]
 EVAL_SEED = 424242
 
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sft", default="deepseek/r1-base")
     p.add_argument("--grpo", default="deepseek/r1-tiny")
-    p.add_argument("--examples", type=int, default=60, help="problems per set")
+    p.add_argument("--examples", type=int, default=40, help="problems per set")
     p.add_argument("--samples", type=int, default=8, help="samples per problem for pass@k (k = samples)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=320)

@@ -59,13 +59,16 @@ class RecipeConfig:
     pretrain_lr: float = 3e-3
     # cold-start SFT
     sft_examples: int = 6000
-    sft_steps: int = 200
+    sft_steps: int = 400
     sft_seq_len: int = 256
     sft_batch: int = 8
     sft_lr: float = 1e-3
     # GRPO (fields of GRPOConfig, merged over its defaults); sized for ~15 min on 2 busy cores
-    grpo: dict = field(default_factory=lambda: dict(steps=40, prompts_per_step=6, group_size=6, max_new_tokens=224,
-                                                    lr=2e-4, beta=0.02, eval_every=10, eval_examples=16))
+    grpo: dict = field(default_factory=lambda: dict(
+        steps=30, prompts_per_step=6, group_size=6, max_new_tokens=192, lr=2e-5, beta=0.02, eval_every=10,
+        eval_examples=16, tasks=["addition:1", "addition:2", "subtraction:1", "subtraction:2", "multiplication:1",
+                                 "addition:3", "subtraction:3"],
+        eval_tasks=["addition:2", "subtraction:2", "addition:3", "subtraction:3"]))
 
     def __post_init__(self):
         for name in ("pretrain_examples", "pretrain_steps", "pretrain_seq_len", "pretrain_batch", "sft_examples",

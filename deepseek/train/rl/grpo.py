@@ -56,6 +56,7 @@ class GRPOConfig:
     format_weight: float = 0.1
     updates_per_batch: int = 1  # optimizer steps per rollout batch (>1 makes the ratio and clipping matter)
     grad_clip: float = 1.0
+    bias_update_speed: float = 0.0  # router-bias balancing during RL (0 = routing frozen, the policy moves alone)
     # held-out evaluation during training (never-seen prompts; training prompts are excluded)
     eval_tasks: list = field(default_factory=lambda: ["addition:3", "subtraction:3", "addition:4", "subtraction:4"])
     eval_examples: int = 16  # per eval task
@@ -237,6 +238,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     tc = TrainConfig(out_dir=str(out), init_from=str(source), tokenizer=str(source), mode="sft", batch_size=B,
                      micro_batch_size=B, max_steps=cfg.steps * cfg.updates_per_batch, lr=cfg.lr, min_lr_ratio=1.0,
                      warmup_steps=cfg.warmup_steps, weight_decay=0.0, grad_clip=cfg.grad_clip,
+                     bias_update_speed=cfg.bias_update_speed,
                      seq_len=cfg.max_new_tokens, save_every=cfg.save_every * cfg.updates_per_batch,
                      seed=cfg.seed, progress=cfg.progress)  # fmt: skip
     batches = RolloutBatches(cfg, model, ref, tokenizer, held_out, log_path)
