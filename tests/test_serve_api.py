@@ -242,7 +242,7 @@ def test_disconnect_stops_generation_and_frees_the_slot(stack):
         lines = r.iter_lines()
         first = json.loads(next(lines)[6:])
         next(lines)
-    deadline = time.time() + 10
+    deadline = time.time() + 30  # generous: the disconnect is noticed at the next step, on a busy CPU
     while engine.load()["free_slots"] != MAX_RUNNING and time.time() < deadline:
         time.sleep(0.02)
     assert engine.load() == {"waiting": 0, "running": 0, "free_slots": MAX_RUNNING}
