@@ -44,7 +44,8 @@ def run(args) -> int:
         return 0
     summary = {k: v for k, v in metrics.items() if k != "losses"}
     print(f"{'steps':<20}{summary['steps']}")
-    print(f"{'final train loss':<20}{summary['final_loss']:.4f}")
+    if summary["final_loss"] is not None:  # None when the run was already complete
+        print(f"{'final train loss':<20}{summary['final_loss']:.4f}")
     if summary["val_loss"] is not None:
         print(f"{'validation loss':<20}{summary['val_loss']:.4f}")
     print(f"{'tokens/s':<20}{summary['tokens_per_second']:,.0f}")

@@ -220,7 +220,7 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def full_state(model: nn.Module, optimizer, mode: str) -> tuple[dict, dict]:
+def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
     """Full (unsharded) CPU state dicts of model and optimizer, keyed by parameter name. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -234,7 +234,7 @@ def load_optimizer(model: nn.Module, optimizer, state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- setup helpers
-def resolve_device(config: TrainConfig, rank: Dist) -> torch.device:
+def resolve_device(config: TrainConfig) -> torch.device:
     if config.device != "auto":
         return torch.device(config.device)
     if torch.cuda.is_available():
@@ -308,7 +308,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, train_batches: It
     train_batches yields *global* batches ({"input_ids": (batch_size, T), "labels": (batch_size, T), optional
     "attention_mask"}); with `state_dict`/`load_state_dict` its position is checkpointed, otherwise it is
     replayed on resume. val_batches: a list of batches or such an iterator (the same batches every eval)."""
-    device = resolve_device(config, Dist())
+    device = resolve_device(config)
     env = setup_distributed(device.type)
     try:
         return Run(config, env, device, model, train_batches, val_batches, loss_fn or causal_lm_loss).loop()
@@ -451,7 +451,7 @@ class Run:
         return loss_sum / n_sum if n_sum else None
 
     def save(self) -> Path | None:
-        model_state, optim_state = full_state(self.wrapped, self.optimizer, self.mode)
+        model_state, optim_state = full_state(self.wrapped, self.optimizer)
         path = None
         if self.env.main:
             trainer_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
