@@ -94,6 +94,12 @@ def model_config(vocab: int, **routing_fields) -> dict:
 
 
 def train_model(name: str, cfg: dict, stream: torch.Tensor, val: list[dict], args, out_root: Path):
+    saved = Path(args.save) / name if args.save else None
+    if saved is not None and args.reuse and (saved / "config.json").is_file():
+        model = R1ForCausalLM.from_pretrained(saved)
+        routing.apply_thresholds(model)
+        print(f"reusing {saved}")
+        return model, json.loads((saved / "run.json").read_text())
     torch.manual_seed(0)  # the same initial weights for every run
     model = R1ForCausalLM(R1Config(**cfg))
     tc = TrainConfig(out_dir=str(out_root / name), seq_len=args.seq_len, batch_size=args.batch, micro_batch_size=args.batch,
@@ -104,7 +110,11 @@ def train_model(name: str, cfg: dict, stream: torch.Tensor, val: list[dict], arg
     metrics = train(tc, model=model, train_batches=batches, val_batches=val)
     model.eval()
     routing.export_thresholds(model)
-    return model, {"train_seconds": time.perf_counter() - t, "final_train_loss": metrics["final_loss"]}
+    run = {"train_seconds": round(time.perf_counter() - t, 1), "final_train_loss": metrics["final_loss"]}
+    if saved is not None:
+        model.save_pretrained(saved)
+        (saved / "run.json").write_text(json.dumps(run))
+    return model, run
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -132,8 +142,20 @@ def task_accuracy(model, tok: CharTokenizer, exs: list[dict], max_new: int) -> t
     for i, p in enumerate(prompts):
         ids[i, T - len(p) :], mask[i, T - len(p) :] = torch.tensor(p), 1
     out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=EOS)
-    correct = sum(get_task(ex["task"]).grade(ex, tok.decode(new)) for ex, new in zip(exs, out.new_tokens))
-    return correct / len(exs), out.decode_tokens_per_second
+    texts = [tok.decode(new) for new in out.new_tokens]
+    correct = sum(get_task(ex["task"]).grade(ex, text) for ex, text in zip(exs, texts))
+    return correct / len(exs), ids, mask, texts[0]
+
+
+@torch.inference_mode()
+def decode_speed(models: dict, ids, mask, new: int, repeats: int) -> dict[str, float]:
+    """Decode tokens/s at a fixed length (no early stop), repeats interleaved across models, median."""
+    samples = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            out = generate(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
+            samples[name].append(ids.shape[0] * (new - 1) / out.decode_seconds)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 @torch.inference_mode()
@@ -237,6 +259,8 @@ def main():
     parser.add_argument("--entropy-weight", type=float, default=0.05, help="routing entropy regulariser weight")
     parser.add_argument("--out", default=None, help="folder for the plot and JSON (default docs/figures; "
                         "runs/routing_quick with --quick)")  # fmt: skip
+    parser.add_argument("--save", default=None, help="save the trained models here (e.g. runs/routing)")
+    parser.add_argument("--reuse", action="store_true", help="load the models from --save instead of training")
     parser.add_argument("--kernel-only", action="store_true", help="only the grouped-expert scaling table")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: other jobs share the CPU)")
     args = parser.parse_args()
@@ -305,8 +329,13 @@ def main():
         for name in models:
             rows[name][f"moe_{label}_ms"] = round(t[name] * 1e3, 3)
     for name, model in models.items():
-        acc, tps = task_accuracy(model, tok, task_ex, max_new)
-        rows[name].update(task_acc=round(acc, 4), decode_tok_s=round(tps, 1))
+        acc, ids, mask, sample = task_accuracy(model, tok, task_ex, max_new)
+        rows[name]["task_acc"] = round(acc, 4)
+        print(f"{name}: sample completion for {task_ex[0]['prompt']!r}: {sample[-80:]!r}")
+    decode_speed(models, ids[:16], mask[:16], 8, 1)  # warm-up
+    tps = decode_speed(models, ids[:16], mask[:16], 64, 2 if args.quick else 5)
+    for name in models:
+        rows[name]["decode_tok_s"] = round(tps[name], 1)
 
     # Pareto sweep
     points = []
@@ -364,7 +393,8 @@ def main():
     best = ratios["entropy (trained)"]
     result = {
         "hardware": f"{platform.machine()} CPU, {args.threads} threads, fp32",
-        "params_M": round(n_params / 1e6, 3), "steps": args.steps, "tokens_per_model": args.steps * args.batch * args.seq_len,
+        "params_M": round(n_params / 1e6, 3), "train_seconds": {"fixed": fixed_run["train_seconds"],
+                                                             "entropy": ent_run["train_seconds"]}, "steps": args.steps, "tokens_per_model": args.steps * args.batch * args.seq_len,
         "target_k": args.target_k, "entropy_weight": args.entropy_weight,
         "rows": rows, "ratios": ratios, "trained_thresholds": [round(v, 4) for v in trained_thresholds],
         "free_thresholds": [round(v, 4) for v in free_thresholds],
