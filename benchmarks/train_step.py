@@ -7,7 +7,8 @@ batches, in one run (CPU, fp32).
 A step is forward + backward + grad clip + AdamW on one batch. Ours is `deepseek.train.trainer.Run.train_step`
 (the real trainer step: token-weighted loss, load tracking, router bias update with gamma=0 so both models
 follow the same update); transformers runs the plain loop with its defaults (SDPA attention, grouped_mm
-experts). The two alternate in rounds so a shared CPU slows both alike. Losses of the first steps must
+experts). The implementations alternate step by step (rotating the order) and the median step time is
+reported, so a shared, busy CPU slows all alike. Losses of the first steps must
 match (same weights, same batches). MFU = model FLOPs/s over the fp32 matmul FLOPs/s measured in this run.
 Prints a table, then one JSON line.
 """
@@ -18,6 +19,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import tempfile
 import time
 
@@ -97,11 +99,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every implementation in turn")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per round per implementation")
+    p.add_argument("--rounds", type=int, default=8, help="rounds; each runs every implementation in turn")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per round per implementation")
     args = p.parse_args()
     if args.quick:
-        args.seq, args.rounds, args.steps = 128, 2, 2
+        args.seq, args.rounds, args.steps = 128, 4, 1
     config = bench_config(args.quick)
     ours, hf = load_both(config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +139,7 @@ def main() -> None:
                     losses[name].append(steps[name](batch))
                     times[name].append(time.perf_counter() - t)
     tokens = args.batch * args.seq
-    tps = {k: tokens * len(v[2:]) / sum(v[2:]) for k, v in times.items()}
+    tps = {k: tokens / statistics.median(v[2:]) for k, v in times.items()}  # median: robust to a busy CPU
     peak = matmul_flops()
     fpt = train_flops_per_token(config, args.seq)
     mfu = {k: v * fpt / peak for k, v in tps.items()}
