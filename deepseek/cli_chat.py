@@ -77,7 +77,7 @@ class ChatSession:
             raise ValueError(f"the conversation ({len(ids)} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds "
                              f"the model's context ({limit}); use /reset")  # fmt: skip
         tokens: list[int] = []
-        shown = {"reasoning": 0, "answer": 0, "header": False}
+        shown = {"reasoning": 0, "answer": 0, "header": False, "answer_header": False}
         self.stop_event.clear()
 
         def write(s: str, dim: bool = False) -> None:
@@ -96,8 +96,9 @@ class ChatSession:
             write(reasoning[shown["reasoning"]:], dim=True)
             shown["reasoning"] = max(shown["reasoning"], len(reasoning))
             if answer is not None:
-                if shown["answer"] == 0 and shown["header"]:
+                if shown["header"] and not shown["answer_header"] and answer:
                     write("\n[answer]\n" if not self.color else "\n\n")
+                    shown["answer_header"] = True
                 write(answer[shown["answer"]:])
                 shown["answer"] = max(shown["answer"], len(answer))
 

@@ -74,6 +74,7 @@ def test_cli_one_shot_and_interactive():
     r = _cli("--prompt", "What is 12 + 34?", "--color", "never")
     assert r.returncode == 0, r.stderr
     assert "[thinking]" in r.stdout and "[answer]" in r.stdout and r.stdout.strip().splitlines()[-1].isdigit()
+    assert r.stdout.count("[answer]") == 1  # the header once, however many blank tokens precede the answer
     r = _cli("--color", "never", stdin="What is 2 + 3?\n/reset\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert "[conversation reset]" in r.stdout and "[answer]" in r.stdout
