@@ -89,8 +89,10 @@ class MLAttention(nn.Module):
         k_BSHK = torch.cat((k_nope, pe_BSR[:, :, None, :].expand(B, S, H, self.rope_dim)), dim=-1)
         q_BTHK = torch.cat((q_nope, q_pe), dim=-1)
         mask = None if mask_BTS is None else mask_BTS[:, None]  # (B, 1, T, S), True = attend
+        causal = mask is None and q_BTHK.shape[1] > 1  # no mask and T > 1: a plain causal block (S == T)
         out = F.scaled_dot_product_attention(
-            q_BTHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHV.transpose(1, 2), attn_mask=mask, scale=self.scale
+            q_BTHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHV.transpose(1, 2), attn_mask=mask,
+            is_causal=causal, scale=self.scale,
         )  # (B, H, T, V)
         return out.transpose(1, 2)
 
@@ -101,6 +103,9 @@ class MLAttention(nn.Module):
         scores_BHTS = torch.einsum("bthc,bsc->bhts", q_lat_BTHC, kv_BSC)
         scores_BHTS = scores_BHTS + torch.einsum("bthr,bsr->bhts", q_pe, pe_BSR)
         scores_BHTS = scores_BHTS * self.scale
+        T, S = q_nope.shape[1], kv_BSC.shape[1]
+        if mask_BTS is None and T > 1:  # a causal block with no cache before it (S == T)
+            mask_BTS = torch.ones(T, S, dtype=torch.bool, device=kv_BSC.device).tril(S - T)[None]
         if mask_BTS is not None:
             scores_BHTS = scores_BHTS.masked_fill(~mask_BTS[:, None], float("-inf"))
         probs = scores_BHTS.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)

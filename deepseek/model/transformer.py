@@ -38,9 +38,11 @@ def build_mask(attention_mask, B: int, T: int, past: int, device) -> torch.Tenso
     """Boolean (B, T, S) mask, True = attend: causal from offset `past`, minus padded keys.
 
     A query always sees itself, so a fully padded row never turns into NaN that could leak through
-    masked-out values. Returns None when every query may see every cached key (plain one-token decode)."""
+    masked-out values. Returns None for the two unpadded cases attention handles without a mask: one-token
+    decode (every cached key visible) and a causal block with no cache before it (SDPA's is_causal kernel,
+    much faster on CPU than an explicit boolean mask)."""
     S = past + T
-    if attention_mask is None and T == 1:
+    if attention_mask is None and (T == 1 or past == 0):
         return None
     q_pos = torch.arange(past, S, device=device)[:, None]
     k_pos = torch.arange(S, device=device)[None, :]
