@@ -8,6 +8,7 @@ Stages and what they leave under <out>:
     tokenizer/   byte-level BPE (1K vocab, one token per digit) trained on task text + prose
     pretrain/    next-token training on plain-text problems with worked solutions (+ passkey, countdown, prose)
     sft/         cold-start SFT on chat examples: reasoning inside <think>, then the answer (assistant-only loss)
+    sft2/        a second SFT pass on fresh examples with a bigger batch (sft2_steps=0 skips it)
     grpo/        GRPO with rule-based rewards (grader accuracy + <think> format) on prompts only, including
                  harder ones (more digits) than any SFT trace
     recipe.json  the resolved recipe and the wall-clock seconds of each stage
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from .config import preset
 
-STAGES = ("tokenizer", "pretrain", "sft", "grpo")
+STAGES = ("tokenizer", "pretrain", "sft", "sft2", "grpo")
 IGNORE = -100
 
 
@@ -63,6 +64,11 @@ class RecipeConfig:
     sft_seq_len: int = 256
     sft_batch: int = 8
     sft_lr: float = 1e-3
+    # a second SFT pass on fresh examples (bigger batch), from the first pass's checkpoint
+    sft2_examples: int = 24000
+    sft2_steps: int = 300
+    sft2_batch: int = 16
+    sft2_seed: int = 7
     # GRPO (fields of GRPOConfig, merged over its defaults); sized for ~15 min on 2 busy cores
     grpo: dict = field(default_factory=lambda: dict(
         steps=30, prompts_per_step=6, group_size=6, max_new_tokens=192, lr=2e-5, beta=0.02, eval_every=10,
@@ -94,6 +100,7 @@ def recipe(name: str, **overrides) -> RecipeConfig:
                      v_head_dim=8)  # fmt: skip
         kw = dict(model=small, vocab_size=384, pretrain_examples=300, pretrain_steps=4, pretrain_batch=4,
                   pretrain_seq_len=128, sft_examples=100, sft_steps=4, sft_batch=4, sft_seq_len=192,
+                  sft2_examples=60, sft2_steps=2, sft2_batch=4,
                   sft_digits=(1, 2), mul_digits=(1,),
                   grpo=dict(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=48, tasks=["addition:1", "addition:2"],
                             eval_tasks=["addition:2"], eval_every=0, eval_examples=4, save_every=2))  # fmt: skip
@@ -131,9 +138,15 @@ def sft_records(cfg: RecipeConfig) -> list[dict]:
     return [{"messages": ex["messages"]} for ex in task_examples(cfg, cfg.sft_examples, seed=cfg.seed + 2)]
 
 
+def sft2_config(cfg: RecipeConfig) -> RecipeConfig:
+    return dataclasses.replace(cfg, sft_examples=cfg.sft2_examples, seed=cfg.sft2_seed)
+
+
 def training_prompts(cfg: RecipeConfig) -> set[str]:
     """Every prompt the supervised stages trained on (held-out evaluation excludes them)."""
     exs = task_examples(cfg, cfg.pretrain_examples, cfg.seed + 1) + task_examples(cfg, cfg.sft_examples, cfg.seed + 2)
+    if cfg.sft2_steps:
+        exs += task_examples(cfg, cfg.sft2_examples, cfg.sft2_seed + 2)
     return {ex["prompt"] for ex in exs}
 
 
@@ -210,6 +223,27 @@ def run_sft(cfg: RecipeConfig, out: Path, init: Path) -> Path:
     return Path(metrics["checkpoint"])
 
 
+def run_sft2(cfg: RecipeConfig, out: Path, init: Path) -> Path:
+    """Second SFT pass: fresh examples (another seed), batch 16, from the first pass's checkpoint."""
+    from transformers import AutoTokenizer
+
+    from .trainer import train
+
+    stage = out / "sft2"
+    done = stage_done(stage, cfg.sft2_steps)
+    if done:
+        return done
+    tokenizer = AutoTokenizer.from_pretrained(str(init))
+    train_it, val_it, stats = _blocks(sft_records(sft2_config(cfg)), tokenizer, cfg.sft_seq_len, cfg.sft2_batch,
+                                      cfg.sft2_seed, split_documents=False)  # fmt: skip
+    print(f"sft2 data: {json.dumps(stats)}", flush=True)
+    tc = preset("sft", out_dir=str(stage), init_from=str(init), tokenizer=str(init), seq_len=cfg.sft_seq_len,
+                batch_size=cfg.sft2_batch, micro_batch_size=cfg.sft2_batch, max_steps=cfg.sft2_steps, lr=cfg.sft_lr,
+                warmup_steps=20, eval_every=200, save_every=100, seed=cfg.sft2_seed, mtp_loss_weight=0.3)  # fmt: skip
+    metrics = train(tc, train_batches=train_it, val_batches=val_it)
+    return Path(metrics["checkpoint"])
+
+
 def run_grpo(cfg: RecipeConfig, out: Path, init: Path) -> Path:
     from .rl.grpo import GRPOConfig, train_grpo
 
@@ -246,8 +280,10 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES) -> dict:
         timed("pretrain", run_pretrain, cfg, out, tok)
     if "sft" in stages:
         timed("sft", run_sft, cfg, out, Path(outputs["pretrain"]))
+    if "sft2" in stages and cfg.sft2_steps:
+        timed("sft2", run_sft2, cfg, out, Path(outputs["sft"]))
     if "grpo" in stages:
-        timed("grpo", run_grpo, cfg, out, Path(outputs["sft"]))
+        timed("grpo", run_grpo, cfg, out, Path(outputs.get("sft2") or outputs["sft"]))
     record["total_seconds"] = sum(record["seconds"].values())
     times_path.write_text(json.dumps(record, indent=2))
     return record
@@ -274,7 +310,8 @@ def run_cli(args) -> int:
     if args.bundle:
         outputs = record["outputs"]
         note = {"recipe": args.name, "seconds": record["seconds"], "total_seconds": record.get("total_seconds")}
-        for stage, name in (("sft", "r1-base"), ("grpo", "r1-tiny")):
+        base = "sft2" if "sft2" in outputs else "sft"
+        for stage, name in ((base, "r1-base"), ("grpo", "r1-tiny")):
             if stage in outputs:
                 print(f"[recipe] bundled {bundle(outputs[stage], name, note=dict(note, stage=stage))}", flush=True)
     print(json.dumps(record))
