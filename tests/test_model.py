@@ -112,5 +112,6 @@ def test_prepare_for_decode_keeps_outputs_and_saved_weights():
         ref_tokens = generate(model, ids, max_new_tokens=8).sequences
         prepare_for_decode(model)
         assert not model.lm_head.weight.is_contiguous()
+        assert model.model.layers[1].mlp.experts.gate_up_proj.transpose(1, 2).is_contiguous()
         assert (model(ids).logits - before).abs().max() < 1e-4
     assert torch.equal(generate(model, ids, max_new_tokens=8).sequences, ref_tokens)
