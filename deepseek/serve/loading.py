@@ -12,19 +12,11 @@ BOS, USER, ASSISTANT, EOS = "<｜begin▁of▁sentence｜>", "<｜User｜>", "<�
 
 def load_model_and_tokenizer(name_or_path: str, dtype=torch.float32):
     """(model, tokenizer, served model name). Errors name the folder and what is missing."""
-    from transformers import AutoTokenizer
-
-    from .. import R1ForCausalLM
+    from ..cli_generate import load_model_and_tokenizer as load
     from ..compat.checkpoint import resolve
 
+    model, tokenizer = load(name_or_path, dtype=dtype)
     path = resolve(name_or_path)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise FileNotFoundError(f"{path} has no tokenizer (tokenizer.json); save one next to the model")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = R1ForCausalLM.from_pretrained(str(path)).to(dtype).eval()
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model's vocab is "
-                         f"{model.config.vocab_size}")  # fmt: skip
     name = str(name_or_path) if not Path(str(name_or_path)).is_dir() else path.name
     return model, tokenizer, name
 
