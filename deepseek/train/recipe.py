@@ -202,46 +202,36 @@ def run_pretrain(cfg: RecipeConfig, out: Path, tok_dir: Path) -> Path:
     return Path(metrics["checkpoint"])
 
 
-def run_sft(cfg: RecipeConfig, out: Path, init: Path) -> Path:
+def _sft_pass(name: str, records: list[dict], out: Path, init: Path, steps: int, batch: int, seq_len: int, lr: float,
+              seed: int, eval_every: int) -> Path:  # fmt: skip
+    """One supervised pass (assistant-only loss) from `init`, in <out>/<name>; skipped when already finished."""
     from transformers import AutoTokenizer
 
     from .trainer import train
 
-    stage = out / "sft"
-    done = stage_done(stage, cfg.sft_steps)
+    stage = out / name
+    done = stage_done(stage, steps)
     if done:
         return done
     tokenizer = AutoTokenizer.from_pretrained(str(init))
-    train_it, val_it, stats = _blocks(sft_records(cfg), tokenizer, cfg.sft_seq_len, cfg.sft_batch, cfg.seed,
-                                      split_documents=False)  # fmt: skip
-    print(f"sft data: {json.dumps(stats)}", flush=True)
-    tc = preset("sft", out_dir=str(stage), init_from=str(init), tokenizer=str(init), seq_len=cfg.sft_seq_len,
-                batch_size=cfg.sft_batch, micro_batch_size=cfg.sft_batch, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
-                warmup_steps=min(20, cfg.sft_steps // 10), eval_every=100, save_every=100, seed=cfg.seed,
-                mtp_loss_weight=0.3)  # fmt: skip
+    train_it, val_it, stats = _blocks(records, tokenizer, seq_len, batch, seed, split_documents=False)
+    print(f"{name} data: {json.dumps(stats)}", flush=True)
+    tc = preset("sft", out_dir=str(stage), init_from=str(init), tokenizer=str(init), seq_len=seq_len,
+                batch_size=batch, micro_batch_size=batch, max_steps=steps, lr=lr, warmup_steps=min(20, steps // 10),
+                eval_every=eval_every, save_every=100, seed=seed, mtp_loss_weight=0.3)  # fmt: skip
     metrics = train(tc, train_batches=train_it, val_batches=val_it)
     return Path(metrics["checkpoint"])
+
+
+def run_sft(cfg: RecipeConfig, out: Path, init: Path) -> Path:
+    return _sft_pass("sft", sft_records(cfg), out, init, cfg.sft_steps, cfg.sft_batch, cfg.sft_seq_len, cfg.sft_lr,
+                     cfg.seed, eval_every=100)  # fmt: skip
 
 
 def run_sft2(cfg: RecipeConfig, out: Path, init: Path) -> Path:
-    """Second SFT pass: fresh examples (another seed), batch 16, from the first pass's checkpoint."""
-    from transformers import AutoTokenizer
-
-    from .trainer import train
-
-    stage = out / "sft2"
-    done = stage_done(stage, cfg.sft2_steps)
-    if done:
-        return done
-    tokenizer = AutoTokenizer.from_pretrained(str(init))
-    train_it, val_it, stats = _blocks(sft_records(sft2_config(cfg)), tokenizer, cfg.sft_seq_len, cfg.sft2_batch,
-                                      cfg.sft2_seed, split_documents=False)  # fmt: skip
-    print(f"sft2 data: {json.dumps(stats)}", flush=True)
-    tc = preset("sft", out_dir=str(stage), init_from=str(init), tokenizer=str(init), seq_len=cfg.sft_seq_len,
-                batch_size=cfg.sft2_batch, micro_batch_size=cfg.sft2_batch, max_steps=cfg.sft2_steps, lr=cfg.sft_lr,
-                warmup_steps=20, eval_every=200, save_every=100, seed=cfg.sft2_seed, mtp_loss_weight=0.3)  # fmt: skip
-    metrics = train(tc, train_batches=train_it, val_batches=val_it)
-    return Path(metrics["checkpoint"])
+    """Second SFT pass: fresh examples (another seed), a bigger batch, from the first pass's checkpoint."""
+    return _sft_pass("sft2", sft_records(sft2_config(cfg)), out, init, cfg.sft2_steps, cfg.sft2_batch,
+                     cfg.sft_seq_len, cfg.sft_lr, cfg.sft2_seed, eval_every=200)  # fmt: skip
 
 
 def run_grpo(cfg: RecipeConfig, out: Path, init: Path) -> Path:

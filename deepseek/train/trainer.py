@@ -230,7 +230,9 @@ def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
 def load_optimizer(model: nn.Module, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    # strict=False: AdamW keeps no state for a parameter that never got a gradient (e.g. the MTP module during
+    # GRPO, whose loss does not use it); such a parameter legitimately has nothing to restore.
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 # ---------------------------------------------------------------------------- setup helpers
