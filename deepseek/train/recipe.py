@@ -66,7 +66,7 @@ class RecipeConfig:
     sft_lr: float = 1e-3
     # a second SFT pass on fresh examples (bigger batch), from the first pass's checkpoint
     sft2_examples: int = 24000
-    sft2_steps: int = 300
+    sft2_steps: int = 600
     sft2_batch: int = 16
     sft2_seed: int = 7
     # GRPO (fields of GRPOConfig, merged over its defaults); sized for ~15 min on 2 busy cores
