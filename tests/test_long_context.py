@@ -236,13 +236,17 @@ def test_passkey_prompts_and_pose_batches():
         text = bytes(ids.tolist()).decode()
         assert ids.numel() <= n and text.endswith(ANSWER_PREFIX) and f"The pass key is {key}." in text
         assert len(key) == 5 and key.isdigit()
-    ids, labels, pos = training_batch(rng, 16, 400, max_position=131072)
-    assert ids.shape == labels.shape == pos.shape == (16, 400)
+    ids, labels, pos, answer = training_batch(rng, 16, 400, max_position=131072)
+    assert ids.shape == labels.shape == pos.shape == answer.shape == (16, 400)
     assert bool((pos[:, 1:] > pos[:, :-1]).all())  # strictly increasing positions, one gap per row
     assert int(pos.max()) < 131072 and int((pos[:, -1] - pos[:, 0]).max()) > 10000  # long distances are seen
     for row, lab in zip(ids, labels):
         text = bytes(row[lab != -100].tolist()).decode()
         assert text.endswith(".") and text.rstrip(".")[-5:].isdigit()  # the answer ends the labelled part
+    for row, ans in zip(ids, answer):
+        assert int(ans.sum()) == 6 and bytes(row[ans].tolist()).decode()[:5].isdigit()  # 5 key digits + "."
+    _, _, pos, _ = training_batch(rng, 8, 400, max_position=131072, pose=0.0)
+    assert bool((pos == torch.arange(400)).all())  # pose=0: plain positions
 
 
 @torch.no_grad()

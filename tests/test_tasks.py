@@ -35,7 +35,9 @@ def test_generated_traces_grade_correct_and_are_deterministic(name):
 _ADD = re.compile(r"(\d) \+ (\d) \+ carry (\d) = (\d+): write (\d), carry (\d)")
 _SUB = re.compile(r"(\d) - (\d) - borrow (\d) = (\d+): write (\d), borrow 0")
 _SUB_NEG = re.compile(r"(\d) - (\d) - borrow (\d) is negative, so 10 \+ (\d) - (\d) - (\d) = (\d+): write (\d), borrow 1")
-_EQ = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+_MUL = re.compile(r"(\d) \* (\d) = (\d+), \+ (\d) = (\d+): write (\d), carry (\d)")
+_EQ = re.compile(r"(?:So |Reading the digits from left to right: )?(\d+) ([-+*/]) (\d+) = (\d+)\.?")
+_SHIFT = re.compile(r"Shifted by (\d) places?: (\d+)\.")
 
 
 def check_line(line: str) -> bool:
@@ -49,6 +51,11 @@ def check_line(line: str) -> bool:
     elif m := _SUB_NEG.fullmatch(line):
         x, y, b, x2, y2, b2, r, w = map(int, m.groups())
         assert x - y - b < 0 and (x, y, b) == (x2, y2, b2) and r == 10 + x - y - b == w, line
+    elif m := _MUL.fullmatch(line):
+        x, d, p, c, t, w, c2 = map(int, m.groups())
+        assert p == x * d and t == p + c and w == t % 10 and c2 == t // 10, line
+    elif m := _SHIFT.fullmatch(line):
+        assert int(m.group(2)) % 10 ** int(m.group(1)) == 0, line
     elif m := _EQ.fullmatch(line):
         a, op, b, r = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
         assert (a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b) == r, line
@@ -64,7 +71,10 @@ def test_every_step_in_the_reasoning_is_true(name):
         lines = ex["reasoning"].split("\n")
         steps = [line for line in lines if check_line(line)]
         assert len(steps) >= 3, ex["reasoning"]
-        assert len(lines) - len(steps) <= 3  # the rest: a header, a conclusion, "Add the partial products."
+        other = [line for line in lines if not check_line(line)]
+        if name == "multiplication":  # one "a * d:" header per digit of b
+            other = [line for line in other if not re.fullmatch(rf"{ex['a']} \* \d:", line)]
+        assert len(other) <= 3, other  # the rest: a header, a conclusion
         final = str(ex["target"]) if name == "countdown" else ex["answer"]
         assert lines[-1].rstrip(".").endswith(final)
 

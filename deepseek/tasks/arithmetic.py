@@ -60,19 +60,42 @@ def sub_steps(a: int, b: int) -> list[str]:
     return lines
 
 
+def mul_digit_steps(a: int, d: int) -> tuple[list[str], int]:
+    """a times one digit d, digit by digit from the right: the table fact, then the carry, one line each."""
+    lines, carry, out = [], 0, []
+    for ch in reversed(str(a)):
+        x = int(ch)
+        p = x * d
+        s = p + carry
+        lines.append(f"{x} * {d} = {p}, + {carry} = {s}: write {s % 10}, carry {s // 10}")
+        out.append(s % 10)
+        carry = s // 10
+    if carry:
+        out.append(carry)
+    value = int("".join(map(str, reversed(out))))
+    lines.append(f"So {a} * {d} = {value}.")
+    return lines, value
+
+
 def mul_steps(a: int, b: int) -> list[str]:
-    """Long multiplication: one partial product per digit of b (shifted by its place), then a running sum."""
+    """Long multiplication: a times each digit of b (digit by digit, with carries), shifted by the digit's
+    place, then the partial products added column by column."""
+    if b < 10:
+        return mul_digit_steps(a, b)[0] if a >= 10 else [f"{a} * {b} = {a * b}.", f"So {a} * {b} = {a * b}."]
     lines = [f"Multiply {a} by each digit of {b}, from the right, shifted by its place."]
-    partials = []
+    total = None
     for place, ch in enumerate(reversed(str(b))):
-        factor = int(ch) * 10**place
-        partials.append(a * factor)
-        lines.append(f"{a} * {factor} = {a * factor}")
-    lines.append("Add the partial products.")
-    total = partials[0]
-    for p in partials[1:]:
-        lines.append(f"{total} + {p} = {total + p}")
-        total += p
+        d = int(ch)
+        steps, value = mul_digit_steps(a, d)
+        lines += [f"{a} * {d}:"] + steps
+        if place:
+            lines.append(f"Shifted by {place} place{'s' if place > 1 else ''}: {value * 10**place}.")
+        value *= 10**place
+        if total is None:
+            total = value
+        else:
+            lines += add_steps(total, value)[1:]  # column addition of the running total and this partial
+            total += value
     lines.append(f"So {a} * {b} = {total}.")
     return lines
 

@@ -9,6 +9,8 @@ Stages and what they leave under <out>:
     pretrain/    next-token training on plain-text problems with worked solutions (+ passkey, countdown, prose)
     sft/         cold-start SFT on chat examples: reasoning inside <think>, then the answer (assistant-only loss)
     sft2/        a second SFT pass on fresh examples with a bigger batch (sft2_steps=0 skips it)
+    sft3/        a third pass weighted towards the hardest in-distribution sets (2-digit multiplication,
+                 3-digit subtraction), longer blocks for the long multiplication traces (sft3_steps=0 skips it)
     grpo/        GRPO with rule-based rewards (grader accuracy + <think> format) on prompts only, including
                  harder ones (more digits) than any SFT trace
     recipe.json  the resolved recipe and the wall-clock seconds of each stage
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from .config import preset
 
-STAGES = ("tokenizer", "pretrain", "sft", "sft2", "grpo")
+STAGES = ("tokenizer", "pretrain", "sft", "sft2", "sft3", "grpo")
 IGNORE = -100
 
 
@@ -69,6 +71,16 @@ class RecipeConfig:
     sft2_steps: int = 600
     sft2_batch: int = 16
     sft2_seed: int = 7
+    # a third pass weighted towards what the second one left weakest ({"task:difficulty": share})
+    sft3_examples: int = 16000
+    sft3_steps: int = 500
+    sft3_batch: int = 16
+    sft3_seq_len: int = 384  # a 2-digit multiplication trace is ~320 tokens
+    sft3_seed: int = 11
+    sft3_mix: dict = field(default_factory=lambda: {
+        "addition:1": 0.03, "addition:2": 0.07, "addition:3": 0.10, "subtraction:1": 0.03, "subtraction:2": 0.07,
+        "subtraction:3": 0.15, "multiplication:1": 0.05, "multiplication:2": 0.35, "countdown:3": 0.075,
+        "passkey:64": 0.0375, "passkey:96": 0.0375})  # fmt: skip
     # GRPO (fields of GRPOConfig, merged over its defaults); sized for ~15 min on 2 busy cores
     grpo: dict = field(default_factory=lambda: dict(
         steps=30, prompts_per_step=6, group_size=6, max_new_tokens=192, lr=2e-5, beta=0.02, eval_every=10,
@@ -100,7 +112,8 @@ def recipe(name: str, **overrides) -> RecipeConfig:
                      v_head_dim=8)  # fmt: skip
         kw = dict(model=small, vocab_size=384, pretrain_examples=300, pretrain_steps=4, pretrain_batch=4,
                   pretrain_seq_len=128, sft_examples=100, sft_steps=4, sft_batch=4, sft_seq_len=192,
-                  sft2_examples=60, sft2_steps=2, sft2_batch=4,
+                  sft2_examples=60, sft2_steps=2, sft2_batch=4, sft3_examples=60, sft3_steps=2, sft3_batch=4,
+                  sft3_seq_len=192,
                   sft_digits=(1, 2), mul_digits=(1,),
                   grpo=dict(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=48, tasks=["addition:1", "addition:2"],
                             eval_tasks=["addition:2"], eval_every=0, eval_examples=4, save_every=2))  # fmt: skip
@@ -110,15 +123,18 @@ def recipe(name: str, **overrides) -> RecipeConfig:
 
 
 # ---------------------------------------------------------------------------- data
-def task_examples(cfg: RecipeConfig, n: int, seed: int) -> list[dict]:
+def task_examples(cfg: RecipeConfig, n: int, seed: int, mix: dict | None = None) -> list[dict]:
     """A reasoning mixture: ~80% arithmetic (add/sub over sft_digits, mul over mul_digits), the rest countdown
-    (3 numbers) and short passkey retrieval. Deterministic in (n, seed)."""
+    (3 numbers) and short passkey retrieval; or `mix` ({"task:difficulty": share}). Deterministic in (n, seed)."""
     from ..tasks import get_task
 
-    plan = [("addition", d, 0.30 / len(cfg.sft_digits)) for d in cfg.sft_digits]
-    plan += [("subtraction", d, 0.30 / len(cfg.sft_digits)) for d in cfg.sft_digits]
-    plan += [("multiplication", d, 0.20 / len(cfg.mul_digits)) for d in cfg.mul_digits]
-    plan += [("countdown", 3, 0.10), ("passkey", 64, 0.05), ("passkey", 96, 0.05)]
+    if mix is not None:
+        plan = [(spec.split(":")[0], int(spec.split(":")[1]), share) for spec, share in mix.items()]
+    else:
+        plan = [("addition", d, 0.30 / len(cfg.sft_digits)) for d in cfg.sft_digits]
+        plan += [("subtraction", d, 0.30 / len(cfg.sft_digits)) for d in cfg.sft_digits]
+        plan += [("multiplication", d, 0.20 / len(cfg.mul_digits)) for d in cfg.mul_digits]
+        plan += [("countdown", 3, 0.10), ("passkey", 64, 0.05), ("passkey", 96, 0.05)]
     out = []
     for name, difficulty, share in plan:
         out += get_task(name).generate(max(1, round(n * share)), seed=seed, difficulty=difficulty)
@@ -147,6 +163,8 @@ def training_prompts(cfg: RecipeConfig) -> set[str]:
     exs = task_examples(cfg, cfg.pretrain_examples, cfg.seed + 1) + task_examples(cfg, cfg.sft_examples, cfg.seed + 2)
     if cfg.sft2_steps:
         exs += task_examples(cfg, cfg.sft2_examples, cfg.sft2_seed + 2)
+    if cfg.sft3_steps:
+        exs += task_examples(cfg, cfg.sft3_examples, cfg.sft3_seed + 2, cfg.sft3_mix)
     return {ex["prompt"] for ex in exs}
 
 
@@ -234,6 +252,14 @@ def run_sft2(cfg: RecipeConfig, out: Path, init: Path) -> Path:
                      cfg.sft_seq_len, cfg.sft_lr, cfg.sft2_seed, eval_every=200)  # fmt: skip
 
 
+def run_sft3(cfg: RecipeConfig, out: Path, init: Path) -> Path:
+    """Third SFT pass: the sft3_mix mixture (hardest in-distribution sets upweighted), longer blocks."""
+    records = [{"messages": ex["messages"]} for ex in task_examples(cfg, cfg.sft3_examples, cfg.sft3_seed + 2,
+                                                                     cfg.sft3_mix)]  # fmt: skip
+    return _sft_pass("sft3", records, out, init, cfg.sft3_steps, cfg.sft3_batch, cfg.sft3_seq_len, cfg.sft_lr,
+                     cfg.sft3_seed, eval_every=250)  # fmt: skip
+
+
 def run_grpo(cfg: RecipeConfig, out: Path, init: Path) -> Path:
     from .rl.grpo import GRPOConfig, train_grpo
 
@@ -272,8 +298,10 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES) -> dict:
         timed("sft", run_sft, cfg, out, Path(outputs["pretrain"]))
     if "sft2" in stages and cfg.sft2_steps:
         timed("sft2", run_sft2, cfg, out, Path(outputs["sft"]))
+    if "sft3" in stages and cfg.sft3_steps:
+        timed("sft3", run_sft3, cfg, out, Path(outputs.get("sft2") or outputs["sft"]))
     if "grpo" in stages:
-        timed("grpo", run_grpo, cfg, out, Path(outputs.get("sft2") or outputs["sft"]))
+        timed("grpo", run_grpo, cfg, out, Path(outputs.get("sft3") or outputs.get("sft2") or outputs["sft"]))
     record["total_seconds"] = sum(record["seconds"].values())
     times_path.write_text(json.dumps(record, indent=2))
     return record
@@ -300,7 +328,7 @@ def run_cli(args) -> int:
     if args.bundle:
         outputs = record["outputs"]
         note = {"recipe": args.name, "seconds": record["seconds"], "total_seconds": record.get("total_seconds")}
-        base = "sft2" if "sft2" in outputs else "sft"
+        base = next(s for s in ("sft3", "sft2", "sft") if s in outputs)
         for stage, name in ((base, "r1-base"), ("grpo", "r1-tiny")):
             if stage in outputs:
                 print(f"[recipe] bundled {bundle(outputs[stage], name, note=dict(note, stage=stage))}", flush=True)

@@ -44,26 +44,35 @@ def passkey_sample(rng: random.Random, length: int, keys: int = 1):
     return torch.tensor(list(text.encode("utf-8"))), str(ex["key"])
 
 
-def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1):
-    """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row."""
-    ids, labels, pos = [], [], []
+def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
+                   pose: float = 0.8):  # fmt: skip
+    """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
+    rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
+    they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for."""
+    ids, labels, pos, answer = [], [], [], []
     for _ in range(batch):
         n_keys = rng.randint(1, keys)
         prompt, key = passkey_sample(rng, rng.randint(length // 2, length - 8), n_keys)
         row = torch.cat((prompt, torch.tensor(list((key + ".").encode()))))
+        spans = [(prompt.numel(), row.numel())]
         if row.numel() > length:
             raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
-        row = torch.nn.functional.pad(row, (0, length - row.numel()), value=0)[:length]
+        n = row.numel()
+        row = torch.nn.functional.pad(row, (0, length - n), value=0)
         lab = row.clone()
-        lab[prompt.numel() + len(key) + 1 :] = -100  # no loss on padding
+        lab[n:] = -100  # no loss on padding
+        ans = torch.zeros(length, dtype=torch.bool)
+        for a, b in spans:
+            ans[a:b] = True
         split = rng.randint(1, length - 1)
-        gap = rng.randint(0, max(0, max_position - length)) if rng.random() < 0.8 else 0
+        gap = rng.randint(0, max(0, max_position - length)) if rng.random() < pose else 0
         p = torch.arange(length)
         p[split:] += gap
         ids.append(row)
         labels.append(lab)
         pos.append(p)
-    return torch.stack(ids), torch.stack(labels), torch.stack(pos)
+        answer.append(ans)
+    return torch.stack(ids), torch.stack(labels), torch.stack(pos), torch.stack(answer)
 
 
 def small_config(**kw):
@@ -82,48 +91,80 @@ def small_config(**kw):
 
 
 def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: float = 3e-3, seed: int = 0,
-          max_position: int = 131072, keys: int = 1, threads: int | None = None) -> list[float]:  # fmt: skip
-    """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG."""
+          max_position: int = 131072, keys: int = 1, threads: int | None = None, answer_weight: float = 1.0,
+          pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2) -> list[float]:  # fmt: skip
+    """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
+
+    loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
+    (PoSE) starts after a `pose_after` fraction of the steps, so retrieval is first learnt at plain positions.
+    Every `eval_every` steps: greedy accuracy on 16 fresh prompts of `length` bytes (logged, shown on the bar)."""
     from deepseek import R1ForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    config = small_config(max_position_embeddings=max_position + 512)
+    config = small_config(max_position_embeddings=max_position + 512, num_hidden_layers=layers,
+                          first_k_dense_replace=layers)  # fmt: skip
     model = R1ForCausalLM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    losses = []
+    losses, answer_losses, evals = [], [], []
     bar = tqdm(range(steps), desc="passkey train", unit="step")
     for step in bar:
         warm = min(1.0, (step + 1) / 30)
         for g in opt.param_groups:
             g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
-        ids, labels, pos = training_batch(rng, batch, length, max_position, keys)
-        loss = model(ids, position_ids=pos, labels=labels).loss
+        p = pose if step >= pose_after * steps else 0.0
+        ids, labels, pos, answer = training_batch(rng, batch, length, max_position, keys, pose=p)
+        logits = model(ids, position_ids=pos).logits[:, :-1].float()  # (B, T-1, V)
+        target, ans = labels[:, 1:], answer[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+        lm = nll[target != -100].mean()
+        retr = nll[ans].mean()
+        loss = lm + answer_weight * retr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        losses.append(lm.item())
+        answer_losses.append(retr.item())
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            model.eval()
+            acc = passkey_accuracy(model, length, 16, compressed=False, seed=10_000 + step)
+            model.train()
+            evals.append((step + 1, acc))
+        post = dict(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
+                    key=f"{sum(answer_losses[-20:]) / len(answer_losses[-20:]):.3f}")  # fmt: skip
+        if evals:
+            post["acc"] = f"{evals[-1][1]:.2f}"
+        bar.set_postfix(post)
     model.eval()
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    (Path(out) / "train_log.json").write_text(json.dumps({"steps": steps, "batch": batch, "length": length,
-                                                          "lr": lr, "losses": losses}))  # fmt: skip
+    log = {"steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
+           "pose": pose, "pose_after": pose_after, "losses": losses, "answer_losses": answer_losses,
+           "evals": evals}  # fmt: skip
+    (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.figure(figsize=(6, 3.5))
-    plt.plot(losses)
-    plt.xlabel("step")
-    plt.ylabel("loss (bytes)")
-    plt.title("passkey training")
-    plt.tight_layout()
-    plt.savefig(Path(out) / "loss.png", dpi=110)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(losses, label="all bytes")
+    ax[0].plot(answer_losses, label="key bytes of the answer", alpha=0.7)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("loss (nats/byte)")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    if evals:
+        ax[1].plot(*zip(*evals), marker="o")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel(f"passkey accuracy at {length} bytes")
+    ax[1].set_ylim(-0.02, 1.02)
+    fig.suptitle("passkey training")
+    fig.tight_layout()
+    fig.savefig(Path(out) / "loss.png", dpi=110)
     return losses
 
 
@@ -195,6 +236,11 @@ def main():
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--keys", type=int, default=1)
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--answer-weight", type=float, default=1.0)
+    t.add_argument("--pose", type=float, default=0.8, help="fraction of rows with a position gap")
+    t.add_argument("--pose-after", type=float, default=0.25, help="gaps start after this fraction of the steps")
+    t.add_argument("--eval-every", type=int, default=200)
+    t.add_argument("--layers", type=int, default=2)
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")
@@ -205,7 +251,9 @@ def main():
     args = parser.parse_args()
     if args.cmd == "train":
         t0 = time.time()
-        losses = train(args.out, args.steps, args.batch, args.length, args.lr, keys=args.keys, threads=args.threads)
+        losses = train(args.out, args.steps, args.batch, args.length, args.lr, keys=args.keys, threads=args.threads,
+                       answer_weight=args.answer_weight, pose=args.pose, pose_after=args.pose_after,
+                       eval_every=args.eval_every, layers=args.layers)  # fmt: skip
         print(json.dumps({"final_loss": round(sum(losses[-20:]) / 20, 4), "seconds": round(time.time() - t0)}))
         return
     from deepseek import R1ForCausalLM
