@@ -9,6 +9,8 @@ Two exact forms of the same attention:
   ("bthc,bsc->bhts"), as DeepSeek-V3's reference inference does. Used for decode: per step it reads only
   the (C + R)-wide latent per cached position.
 The cheaper one is picked by arithmetic (see `use_absorbed`), never by a magic size.
+With config.kv_learned, training without a cache runs `compressed_attention` instead: the compressed cache's
+semantics over the whole sequence, so its learned block summaries and gates get gradients (longctx/learned.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import cache_update
+from .longctx.learned import NSAParams, compressed_attention
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -46,6 +49,8 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=config.attention_bias)
         self.scale = softmax_scale(config.rope_parameters, self.qk_dim)
+        if getattr(config, "kv_learned", False):  # learned block summaries + NSA gates (longctx/learned.py)
+            self.nsa = NSAParams(config)
 
     def use_absorbed(self, T: int) -> bool:
         """Absorbed costs ~T*S*H*2(C+R) per layer; expanded costs ~S*H*C*(N+V) to re-expand the cache."""
@@ -70,6 +75,8 @@ class MLAttention(nn.Module):
         pe_BTR = apply_rope(pe_BTR, cos, sin, self.interleave)
         if getattr(cache, "is_compressed", False):  # hierarchical compressed cache: deepseek/model/longctx
             return self.o_proj(cache.attend(self, q_nope, q_pe, kv_BTC, pe_BTR, mask_BTS).flatten(2))
+        if cache is None and self.training and hasattr(self, "nsa"):  # kv_learned: train as the cache attends
+            return self.o_proj(compressed_attention(self, q_nope, q_pe, kv_BTC, pe_BTR, mask_BTS).flatten(2))
         if cache is not None:
             kv_BSC, pe_BSR = cache_update(cache, kv_BTC, pe_BTR, self.layer_idx)
         else:

@@ -79,6 +79,7 @@ class R1Config(PretrainedConfig):
         kv_quant_group: int = 64,
         kv_coarse: bool = True,
         kv_offload: bool = False,
+        kv_learned: bool = False,
         prefill_chunk: int = 1024,
         **kwargs,
     ):
@@ -135,6 +136,7 @@ class R1Config(PretrainedConfig):
         self.kv_quant_group = kv_quant_group  # channels sharing one scale/zero
         self.kv_coarse = kv_coarse  # unselected blocks still attended through their mean latent
         self.kv_offload = kv_offload  # quantised blocks live in host memory, fetched when selected
+        self.kv_learned = kv_learned  # learned block summaries + branch gates (NSA), trained compressed
         self.prefill_chunk = prefill_chunk  # tokens per chunk in chunked prefill
         # Derived sizes other libraries read (transformers' DeepseekV3 uses head_dim = rope dims).
         kwargs.pop("qk_head_dim", None)
@@ -239,6 +241,8 @@ class R1Config(PretrainedConfig):
             value = getattr(self, name, 0)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"R1Config.{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(getattr(self, "kv_learned", False), bool):
+            raise ValueError(f"R1Config.kv_learned must be true or false, got {self.kv_learned!r}")
         if getattr(self, "kv_quant_bits", 4) not in KV_QUANT_BITS:
             raise ValueError(f"R1Config.kv_quant_bits={self.kv_quant_bits!r}; allowed: 0 (off), 2, 4, 8")
         group = getattr(self, "kv_quant_group", 64)

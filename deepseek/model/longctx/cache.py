@@ -21,6 +21,9 @@ softmaxed over blocks per query and head and summed over the tile's queries and 
 shared latent "KV head", so selection is shared across heads as NSA does for a GQA group). A prefill tile
 selects with its mean query.
 
+With config.kv_learned, each layer's `attn.nsa` (longctx/learned.py) adds learned log-gates to the three
+branches' scores and learned intra-block weights to the summary mean; without it nothing changes.
+
 `reconstruct` (all positions in order) and `update` are the reference path: with kv_quant_bits=0 and
 kv_topk_blocks >= the number of blocks, `attend` equals plain attention over `reconstruct` (tested).
 """
@@ -125,8 +128,9 @@ class CompressedLatentCache:
         st.recent_pe[:, start : start + T] = pe_BTR
         st.length += T
 
-    def seal(self, layer_idx: int) -> None:
-        """Move every whole block that has left the window out of the recent buffer (sinks or sealed)."""
+    def seal(self, layer_idx: int, weights_b: torch.Tensor | None = None) -> None:
+        """Move every whole block that has left the window out of the recent buffer (sinks or sealed).
+        weights_b (b,): learned intra-block weights for the summary mean (kv_learned; None = plain mean)."""
         st, b = self.store[layer_idx], self.block
         m = max(0, (st.length - self.window - st.recent_start) // b)
         if m == 0:
@@ -145,7 +149,7 @@ class CompressedLatentCache:
             pe = pe_BMR[:, n_sink * b :].unflatten(1, (-1, b))  # (B, m', b, R)
             lo, hi = st.n_blocks, st.n_blocks + kv.shape[1]
             keys = torch.cat((kv, pe), dim=-1)  # (B, m', b, K)
-            mean = keys.mean(2)
+            mean = keys.mean(2) if weights_b is None else torch.einsum("bmik,i->bmk", keys, weights_b)
             st.kmean[:, lo:hi] = mean
             st.kradius[:, lo:hi] = torch.maximum(keys.amax(2) - mean, mean - keys.amin(2))
             if self.bits:
@@ -226,13 +230,16 @@ class CompressedLatentCache:
         w = attn.kv_b_proj.weight.view(H, N + attn.v_dim, C)
         w_uk_HNC, w_uv_HVC = w[:, :N], w[:, N:]
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
+        nsa = getattr(attn, "nsa", None)  # kv_learned: learned gates and block summaries (longctx/learned.py)
+        gates_BTH3 = None if nsa is None else nsa.gates(q_nope_BTHN)
         self.append(kv_BTC, pe_BTR, layer)
-        out_lat_BTHC = self.attend_latent(q_lat_BTHC, q_pe_BTHR, layer, attn.scale)
-        self.seal(layer)
+        out_lat_BTHC = self.attend_latent(q_lat_BTHC, q_pe_BTHR, layer, attn.scale, gates_BTH3)
+        self.seal(layer, None if nsa is None else nsa.block_weights(kv_BTC.dtype))
         return torch.einsum("bthc,hvc->bthv", out_lat_BTHC, w_uv_HVC)
 
-    def attend_latent(self, q_lat_BTHC, q_pe_BTHR, layer_idx: int, scale: float) -> torch.Tensor:
-        """Softmax over sinks + selected blocks + coarse block means + recent, jointly. Returns (B, T, H, C)."""
+    def attend_latent(self, q_lat_BTHC, q_pe_BTHR, layer_idx: int, scale: float, gates_BTH3=None):
+        """Softmax over sinks + selected blocks + coarse block means + recent, jointly. Returns (B, T, H, C).
+        gates_BTH3: learned log-gates added to [sinks + selected, coarse, recent] scores (None = no gates)."""
         st = self.store[layer_idx]
         B, T, H, C = q_lat_BTHC.shape
         t = min(T, self.block)
@@ -243,6 +250,12 @@ class CompressedLatentCache:
             q_BTHK = torch.cat((q_BTHK, q_BTHK.new_zeros(B, pad, H, q_BTHK.shape[-1])), dim=1)
         q_BXtHK = q_BTHK.view(B, X, t, H, -1)
         scores, values = [], []  # scores (B, H, X, t, S_part); values: (shared (B,S,C) or per tile (B,X,S,C))
+        if gates_BTH3 is not None:  # (B, H, X, t, 3) log-gates per query and branch
+            g = torch.cat((gates_BTH3, gates_BTH3.new_zeros(B, pad, H, 3)), 1) if pad else gates_BTH3
+            g_BHXt3 = g.view(B, X, t, H, 3).permute(0, 3, 1, 2, 4)
+
+        def gated(s, branch: int):  # branch 0: sinks + selected blocks, 1: coarse means, 2: recent
+            return s if gates_BTH3 is None else s + g_BHXt3[..., branch : branch + 1]
 
         def shared(kv_BSC, pe_BSR):
             k_BSK = torch.cat((kv_BSC, pe_BSR), dim=-1)
@@ -250,7 +263,7 @@ class CompressedLatentCache:
 
         if st.sink_filled:
             kv, pe = st.sink_kv[:, : st.sink_filled], st.sink_pe[:, : st.sink_filled]
-            scores.append(shared(kv, pe))
+            scores.append(gated(shared(kv, pe), 0))
             values.append(("shared", kv))
         if st.n_blocks:
             valid = None
@@ -259,11 +272,12 @@ class CompressedLatentCache:
             idx_BXk = self.select_blocks(q_BXtHK, layer_idx, scale, valid)
             kv, pe = self.fetch(layer_idx, idx_BXk)  # (B, X, k*b, C), (B, X, k*b, R)
             k_BXSK = torch.cat((kv, pe), dim=-1)
-            scores.append(torch.einsum("bxthk,bxsk->bhxts", q_BXtHK, k_BXSK) * scale)
+            scores.append(gated(torch.einsum("bxthk,bxsk->bhxts", q_BXtHK, k_BXSK) * scale, 0))
             values.append(("tiled", kv))
             if self.coarse and st.n_blocks > idx_BXk.shape[-1]:
                 mean_BnK = st.kmean[:, : st.n_blocks]
                 s = torch.einsum("bxthk,bnk->bhxtn", q_BXtHK, mean_BnK) * scale + math.log(self.block)
+                s = gated(s, 1)
                 chosen_BXn = torch.zeros(B, X, st.n_blocks, dtype=torch.bool, device=s.device)
                 chosen_BXn.scatter_(2, idx_BXk, True)
                 s.masked_fill_(chosen_BXn[:, None, :, None, :], float("-inf"))
@@ -271,7 +285,7 @@ class CompressedLatentCache:
                 values.append(("shared", mean_BnK[..., :C]))
         n = st.length - st.recent_start
         kv, pe = st.recent_kv[:, :n], st.recent_pe[:, :n]
-        s = shared(kv, pe)
+        s = gated(shared(kv, pe), 2)
         q_pos = torch.arange(st.length - T, st.length - T + X * t, device=s.device).view(X, t, 1)
         k_pos = torch.arange(st.recent_start, st.length, device=s.device)
         scores.append(s.masked_fill_(k_pos > q_pos, float("-inf")))
