@@ -4,6 +4,8 @@
     python benchmarks/long_context.py --quick                   # 4K and 16K only
     python benchmarks/long_context.py --model runs/passkey      # a trained checkpoint: adds passkey accuracy
     python benchmarks/long_context.py --lengths 4096,131072 --passkey-trials 5
+    python benchmarks/long_context.py --model runs/passkey --no-timing --jobs 2 --passkey-trials 20 \
+        --multikey 4 --ppl-lengths 16384                        # accuracy only, 2 worker processes
 
 Every (mode, length) runs in a fresh process so its peak RSS is its own. Per case: cache bytes on the
 compute device (compressed: sinks + window + summaries, + 4-bit payload unless offloaded), total cache bytes,
@@ -11,6 +13,11 @@ peak RSS, chunked-prefill time, per-token decode latency and, with --model, pass
 prefill is quadratic; above --full-prefill-max its decode latency is measured on a cache filled with random
 latents (decode time does not depend on the values) and its prefill is marked skipped. Prints a table, then
 one JSON line with the ratios; plots memory and latency vs length to docs/long_context_*.png.
+
+With --model, accuracy runs as its own phase in --jobs worker processes (1 thread each): greedy passkey
+retrieval (Landmark template, 5-digit key at a random depth) at every length with the compressed cache and,
+up to --full-prefill-max, with the full cache on the same prompts; optionally the RULER-style multi-key
+variant (--multikey N) and teacher-forced perplexity on long prose (--ppl-lengths) for both caches.
 """
 
 from __future__ import annotations
@@ -85,11 +92,6 @@ def run_case(args, mode: str, length: int, queue) -> None:
     result["decode_ms"] = round(times[len(times) // 2] * 1e3, 3)
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["rss_before_prefill"] = rss_before
-    if args.model and args.passkey_trials:
-        from deepseek.model.longctx.passkey import passkey_accuracy
-
-        result["passkey_acc"] = passkey_accuracy(model, length, args.passkey_trials, compressed=(mode != "full"),
-                                                 seed=length)  # fmt: skip
     queue.put(result)
 
 
@@ -100,6 +102,82 @@ def run_isolated(args, mode: str, length: int) -> dict:
     proc.start()
     result = queue.get()
     proc.join()
+    return result
+
+
+# ---------------------------------------------------------------------------- accuracy phase
+_MODEL = None
+
+
+def _worker_init(path: str, max_len: int, threads: int) -> None:
+    global _MODEL
+    torch.set_num_threads(threads)
+    _MODEL = load_model(path, max_len)
+
+
+def _accuracy_job(job: tuple) -> tuple:
+    """job = (kind, mode, length, i, keys): one passkey trial or one perplexity measurement."""
+    from deepseek.model.longctx.passkey import essay_ids, long_perplexity, passkey_trial
+
+    kind, mode, length, i, keys = job
+    t = time.perf_counter()
+    if kind == "ppl":
+        skip = _MODEL.config.kv_window + 2 * _MODEL.config.kv_block_size  # where the two caches start to differ
+        value = long_perplexity(_MODEL, essay_ids(length), mode == "compressed", skip=skip)
+    else:
+        value = passkey_trial(_MODEL, length, mode == "compressed", f"{length}-{keys}-{i}", keys)
+    return job, value, time.perf_counter() - t
+
+
+def accuracy_phase(args, lengths: list[int]) -> dict:
+    """Every trial of every (mode, length) as its own job, longest first, over --jobs processes."""
+    jobs = []
+    for n in lengths:
+        modes = ["compressed"] + (["full"] if n <= args.full_prefill_max else [])
+        for mode in modes:
+            jobs += [("passkey", mode, n, i, 1) for i in range(args.passkey_trials)]
+            if args.multikey:
+                jobs += [("multikey", mode, n, i, args.multikey) for i in range(args.multikey_trials)]
+    for n in args.ppl_lengths:
+        jobs += [("ppl", mode, n, 0, 1) for mode in ("compressed", "full")]
+    jobs.sort(key=lambda j: -j[2] * (4 if j[1] == "full" else 1))  # full prefill is quadratic
+    ctx = mp.get_context("spawn")
+    out: dict = {}
+    t0 = time.perf_counter()
+    max_len = max(lengths + args.ppl_lengths) + 64
+    with ctx.Pool(args.jobs, _worker_init, (args.model, max_len, args.threads)) as pool:
+        for done, (job, value, secs) in enumerate(pool.imap_unordered(_accuracy_job, jobs), 1):
+            out.setdefault(job[:3], []).append(value)
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / done * (len(jobs) - done)
+            hit = value if job[0] == "ppl" else value["hit"]
+            print(f"  [{done}/{len(jobs)} {elapsed:.0f}s, ETA {eta:.0f}s] {job[0]} {job[1]} {job[2]}: {hit} ({secs:.0f} s)",
+                  flush=True)  # fmt: skip
+    return out
+
+
+def accuracy_report(acc: dict, lengths: list[int], ppl_lengths: list[int]) -> dict:
+    def rate(kind, mode, n):
+        v = acc.get((kind, mode, n))
+        return None if not v else round(sum(x["hit"] for x in v) / len(v), 4)
+
+    result = {}
+    print(f"\n{'length':>8} {'passkey comp':>13} {'passkey full':>13} {'multikey comp':>14} {'multikey full':>14}")
+    for n in lengths:
+        k = f"{n // 1024}k"
+        row = [rate("passkey", "compressed", n), rate("passkey", "full", n), rate("multikey", "compressed", n),
+               rate("multikey", "full", n)]  # fmt: skip
+        print(f"{n:>8} " + " ".join(f"{'-' if v is None else f'{v:.1%}':>13}" for v in row))
+        result[f"{k}_passkey_comp"], result[f"{k}_passkey_full"] = row[0], row[1]
+        if row[2] is not None:
+            result[f"{k}_multikey_comp"], result[f"{k}_multikey_full"] = row[2], row[3]
+    pairs = [(result[f"{n // 1024}k_passkey_comp"], result[f"{n // 1024}k_passkey_full"]) for n in lengths]
+    gaps = [f - c for c, f in pairs if c is not None and f is not None]
+    result["passkey_max_drop_vs_full_points"] = round(100 * max(gaps), 1) if gaps else None
+    for n in ppl_lengths:
+        c, f = acc[("ppl", "compressed", n)][0], acc[("ppl", "full", n)][0]
+        print(f"perplexity {n}: compressed {c:.4f}, full {f:.4f} ({100 * (c / f - 1):+.2f}%)")
+        result[f"{n // 1024}k_ppl_comp"], result[f"{n // 1024}k_ppl_full"] = round(c, 4), round(f, 4)
     return result
 
 
@@ -134,6 +212,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="4K and 16K only")
     parser.add_argument("--model", default=None, help="trained checkpoint dir (adds passkey accuracy)")
     parser.add_argument("--passkey-trials", type=int, default=10)
+    parser.add_argument("--multikey", type=int, default=0, help="also the multi-key variant with N keys")
+    parser.add_argument("--multikey-trials", type=int, default=10)
+    parser.add_argument("--ppl-lengths", default="", help="also perplexity of both caches on prose of these lengths")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the accuracy phase")
+    parser.add_argument("--no-timing", action="store_true", help="accuracy phase only (needs --model)")
     parser.add_argument("--decode-steps", type=int, default=12)
     parser.add_argument("--full-prefill-max", type=int, default=32768, help="longest full-cache prefill to run")
     parser.add_argument("--full-chunk", type=int, default=256, help="full-cache prefill chunk (T x S scores)")
@@ -144,6 +227,19 @@ def main():
     lengths = [4096, 16384] if args.quick else [int(x) for x in args.lengths.split(",")]
     if any(n <= 0 for n in lengths):
         raise SystemExit(f"--lengths must be positive integers, got {args.lengths}")
+    args.ppl_lengths = [int(x) for x in args.ppl_lengths.split(",") if x]
+    if args.no_timing and not args.model:
+        raise SystemExit("--no-timing measures accuracy only, which needs --model")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    result = {"hardware": f"{platform.machine()}, {args.threads} thread(s) x {args.jobs} job(s), fp32",
+              "model": args.model or "random small_config"}  # fmt: skip
+    if args.model:
+        acc = accuracy_phase(args, lengths)
+        result.update(accuracy_report(acc, lengths, args.ppl_lengths))
+        if args.no_timing:
+            print(json.dumps(result))
+            return
     rows = []
     for n in lengths:
         for mode in ("full", "compressed"):
@@ -152,8 +248,6 @@ def main():
             print(f"  {mode:<10} {n:>7}: prefill {r['prefill_s']} s, decode {r['decode_ms']} ms", flush=True)
     print(f"\n{'length':>8} {'mode':<11}{'dev MiB':>9}{'ratio':>7}{'offl.':>7}{'RSS MiB':>9}{'prefill s':>10}"
           f"{'ms/tok':>8}{'speedup':>8}{'passkey':>8}")  # fmt: skip
-    result = {"hardware": f"{platform.machine()}, {args.threads} thread(s), fp32",
-              "model": args.model or "random small_config"}  # fmt: skip
     for n in lengths:
         f = next(r for r in rows if r["mode"] == "full" and r["length"] == n)
         c = next(r for r in rows if r["mode"] == "compressed" and r["length"] == n)
@@ -164,7 +258,7 @@ def main():
             print(f"{n:>8} {r['mode']:<11}{r['device_bytes'] / 2**20:>9.1f}{ratio if comp else 1:>7.3f}"
                   f"{ratio_off if comp else 1:>7.3f}{r['peak_rss_bytes'] / 2**20:>9.0f}"
                   f"{r['prefill_s'] if r['prefill_s'] is not None else 'skip':>10}{r['decode_ms']:>8.2f}"
-                  f"{speed if comp else 1:>8.2f}{r.get('passkey_acc', '-'):>8}")  # fmt: skip
+                  f"{speed if comp else 1:>8.2f}{str(result.get(f'{n // 1024}k_passkey_' + ('comp' if comp else 'full'), '-')):>8}")  # fmt: skip
         k = f"{n // 1024}k"
         result[f"{k}_mem_ratio"] = round(ratio, 4)
         result[f"{k}_mem_ratio_offload"] = round(ratio_off, 4)
@@ -173,8 +267,6 @@ def main():
         result[f"{k}_comp_prefill_s"], result[f"{k}_full_prefill_s"] = c["prefill_s"], f["prefill_s"]
         result[f"{k}_comp_peak_rss_MiB"] = round(c["peak_rss_bytes"] / 2**20)
         result[f"{k}_full_peak_rss_MiB"] = round(f["peak_rss_bytes"] / 2**20)
-        if "passkey_acc" in c:
-            result[f"{k}_passkey_comp"], result[f"{k}_passkey_full"] = c["passkey_acc"], f.get("passkey_acc")
     if args.plot:
         plot(rows, args.plot)
     print(json.dumps(result))

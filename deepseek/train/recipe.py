@@ -81,12 +81,12 @@ class RecipeConfig:
         "addition:1": 0.03, "addition:2": 0.07, "addition:3": 0.10, "subtraction:1": 0.03, "subtraction:2": 0.07,
         "subtraction:3": 0.15, "multiplication:1": 0.05, "multiplication:2": 0.35, "countdown:3": 0.075,
         "passkey:64": 0.0375, "passkey:96": 0.0375})  # fmt: skip
-    # GRPO (fields of GRPOConfig, merged over its defaults); sized for ~15 min on 2 busy cores
+    # GRPO (fields of GRPOConfig, merged over its defaults): the in-distribution sets, weighted to the hard ones
     grpo: dict = field(default_factory=lambda: dict(
-        steps=30, prompts_per_step=6, group_size=6, max_new_tokens=192, lr=2e-5, beta=0.02, eval_every=10,
-        eval_examples=16, tasks=["addition:1", "addition:2", "subtraction:1", "subtraction:2", "multiplication:1",
-                                 "addition:3", "subtraction:3"],
-        eval_tasks=["addition:2", "subtraction:2", "addition:3", "subtraction:3"]))
+        steps=60, prompts_per_step=8, group_size=6, max_new_tokens=352, lr=6e-5, beta=0.04, eval_every=20,
+        eval_examples=16, tasks=["addition:2", "addition:3", "subtraction:2", "subtraction:3", "subtraction:3",
+                                 "multiplication:2", "multiplication:2"],
+        eval_tasks=["addition:2", "subtraction:2", "addition:3", "subtraction:3", "multiplication:2"]))
 
     def __post_init__(self):
         for name in ("pretrain_examples", "pretrain_steps", "pretrain_seq_len", "pretrain_batch", "sft_examples",

@@ -169,27 +169,33 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
 
 
 @torch.inference_mode()
-def passkey_accuracy(model, length: int, trials: int, compressed: bool, seed: int = 0, keys: int = 1,
-                     progress: bool = False) -> float:  # fmt: skip
-    """Fraction of `trials` prompts of `length` bytes whose greedy 5-digit answer equals the key."""
+def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1) -> dict:
+    """One greedy retrieval: a fresh prompt of `length` bytes (from Random(seed)) through the full or the
+    compressed cache. Returns {"hit", "answer", "key"}."""
     from .prefill import chunked_prefill, make_cache
 
-    rng = random.Random(seed)
+    prompt, key = passkey_sample(random.Random(seed), length, keys)
+    ids = prompt[None]
+    cache = make_cache(model.config, 1, ids.shape[1] + len(key) + 1, compressed=compressed)
+    logits = chunked_prefill(model, ids, cache, chunk=model.config.prefill_chunk if compressed else 256)
+    out = []
+    for i in range(len(key)):
+        tok = logits.argmax(-1)
+        out.append(int(tok))
+        pos = torch.tensor([[ids.shape[1] + i]])
+        h = model.model(input_ids=tok[:, None], position_ids=pos, cache=cache).last_hidden_state
+        logits = model.lm_head(h[:, -1])
+    answer = bytes(out).decode("utf-8", "replace")
+    return {"hit": answer == key, "answer": answer, "key": key}
+
+
+def passkey_accuracy(model, length: int, trials: int, compressed: bool, seed: int = 0, keys: int = 1,
+                     progress: bool = False) -> float:  # fmt: skip
+    """Fraction of `trials` prompts of `length` bytes whose greedy 5-digit answer equals the key. Trial i
+    uses the prompt of Random(f"{seed}-{i}"), so any subset of trials can be rerun (or sharded) alone."""
     hits = 0
-    chunk = model.config.prefill_chunk if compressed else 256
-    for _ in tqdm(range(trials), desc=f"passkey {length}", disable=not progress, leave=False):
-        prompt, key = passkey_sample(rng, length, keys)
-        ids = prompt[None]
-        cache = make_cache(model.config, 1, ids.shape[1] + len(key) + 1, compressed=compressed)
-        logits = chunked_prefill(model, ids, cache, chunk=chunk)
-        out = []
-        for i in range(len(key)):
-            tok = logits.argmax(-1)
-            out.append(int(tok))
-            pos = torch.tensor([[ids.shape[1] + i]])
-            h = model.model(input_ids=tok[:, None], position_ids=pos, cache=cache).last_hidden_state
-            logits = model.lm_head(h[:, -1])
-        hits += bytes(out).decode("utf-8", "replace") == key
+    for i in tqdm(range(trials), desc=f"passkey {length}", disable=not progress, leave=False):
+        hits += passkey_trial(model, length, compressed, f"{seed}-{i}", keys)["hit"]
     return hits / trials
 
 
