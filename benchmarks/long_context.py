@@ -106,13 +106,15 @@ def run_isolated(args, mode: str, length: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- accuracy phase
-_MODEL = None
+_MODEL = _TOK = None
 
 
 def _worker_init(path: str, max_len: int, threads: int) -> None:
-    global _MODEL
+    from deepseek.model.longctx.passkey import model_tokenizer
+
+    global _MODEL, _TOK
     torch.set_num_threads(threads)
-    _MODEL = load_model(path, max_len)
+    _MODEL, _TOK = load_model(path, max_len), model_tokenizer(path)
 
 
 def _accuracy_job(job: tuple) -> tuple:
@@ -123,9 +125,9 @@ def _accuracy_job(job: tuple) -> tuple:
     t = time.perf_counter()
     if kind == "ppl":
         skip = _MODEL.config.kv_window + 2 * _MODEL.config.kv_block_size  # where the two caches start to differ
-        value = long_perplexity(_MODEL, essay_ids(length), mode == "compressed", skip=skip)
+        value = long_perplexity(_MODEL, essay_ids(length, tok=_TOK), mode == "compressed", skip=skip)
     else:
-        value = passkey_trial(_MODEL, length, mode == "compressed", f"{length}-{keys}-{i}", keys)
+        value = passkey_trial(_MODEL, length, mode == "compressed", f"{length}-{keys}-{i}", keys, _TOK)
     return job, value, time.perf_counter() - t
 
 

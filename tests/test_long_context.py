@@ -249,6 +249,21 @@ def test_passkey_prompts_and_pose_batches():
     assert bool((pos == torch.arange(400)).all())  # pose=0: plain positions
 
 
+def test_passkey_with_the_bundled_bpe_tokenizer():
+    import random
+
+    from deepseek.model.longctx.passkey import ANSWER_PREFIX, load_tokenizer, passkey_sample, training_batch
+
+    tok = load_tokenizer("deepseek/r1-tiny")
+    ids, key = passkey_sample(random.Random(1), 3000, tok=tok)
+    text = tok.decode(ids.tolist())
+    assert abs(ids.numel() - 3000) <= 8 and text.endswith(ANSWER_PREFIX) and f"The pass key is {key}." in text
+    assert len(text) > 2 * ids.numel()  # BPE: several bytes per token
+    ids, labels, pos, answer = training_batch(random.Random(2), 4, 384, 131072, tok=tok, min_length=128)
+    for row, ans in zip(ids, answer):
+        assert len(tok.decode(row[ans].tolist())) == 6  # one token per digit + "."
+
+
 @torch.no_grad()
 def test_long_perplexity_lossless_equal_and_quantised_close():
     from deepseek.model.longctx.passkey import essay_ids, long_perplexity

@@ -83,9 +83,9 @@ class RecipeConfig:
         "passkey:64": 0.0375, "passkey:96": 0.0375})  # fmt: skip
     # GRPO (fields of GRPOConfig, merged over its defaults): the in-distribution sets, weighted to the hard ones
     grpo: dict = field(default_factory=lambda: dict(
-        steps=60, prompts_per_step=8, group_size=6, max_new_tokens=352, lr=6e-5, beta=0.04, eval_every=20,
-        eval_examples=16, tasks=["addition:2", "addition:3", "subtraction:2", "subtraction:3", "subtraction:3",
-                                 "multiplication:2", "multiplication:2"],
+        steps=40, prompts_per_step=12, group_size=8, max_new_tokens=352, temperature=1.2, lr=2e-5, beta=0.02,
+        scale_rewards=False, eval_every=10, eval_examples=16,
+        tasks=["addition:3", "subtraction:2", "subtraction:3", "subtraction:3", "multiplication:2", "multiplication:2"],
         eval_tasks=["addition:2", "subtraction:2", "addition:3", "subtraction:3", "multiplication:2"]))
 
     def __post_init__(self):

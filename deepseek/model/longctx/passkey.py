@@ -1,4 +1,4 @@
-"""Passkey retrieval with a byte-level model: training data with position skipping, and accuracy at any length.
+"""Passkey retrieval with a small model: training data with position skipping, and accuracy at any length.
 
 Legend: B batch, T tokens.
 
@@ -30,30 +30,73 @@ ANSWER_PREFIX = "\nThe pass key is "
 class ByteTokenizer:
     """UTF-8 bytes as token ids; the interface deepseek.tasks.passkey needs to count tokens exactly."""
 
+    vocab_size = 256
+
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": list(text.encode("utf-8"))}
+        return {"input_ids": self.encode(text)}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", "replace")
 
 
-def passkey_sample(rng: random.Random, length: int, keys: int = 1):
-    """(prompt ids (T,), key string): prompt + answer prefix is exactly <= `length` bytes."""
+class HFTokenizer:
+    """A transformers tokenizer behind the same interface (no special tokens added)."""
+
+    def __init__(self, tok):
+        self.tok, self.vocab_size = tok, len(tok)
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.encode(text)}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+BYTES = ByteTokenizer()
+
+
+def load_tokenizer(name: str):
+    """"bytes", a model folder with tokenizer.json, or a bundled name such as "deepseek/r1-tiny"."""
+    if name == "bytes":
+        return BYTES
+    from transformers import AutoTokenizer
+
+    from deepseek.compat.checkpoint import resolve
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(resolve(name))))
+
+
+def model_tokenizer(model_dir: str):
+    """The tokenizer a passkey model was trained with: its saved tokenizer.json, else bytes."""
+    return load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else BYTES
+
+
+def passkey_sample(rng: random.Random, length: int, keys: int = 1, tok=BYTES):
+    """(prompt ids (T,), key string): prompt + answer prefix is <= `length` tokens (exactly, for bytes)."""
     from deepseek.tasks.passkey import Passkey
 
-    task = Passkey(num_keys=keys, tokenizer=ByteTokenizer())
-    ex = task.make_example(rng, max(64, length - len(ANSWER_PREFIX)))
-    text = ex["prompt"] + ANSWER_PREFIX
-    return torch.tensor(list(text.encode("utf-8"))), str(ex["key"])
+    task = Passkey(num_keys=keys, tokenizer=tok)
+    ex = task.make_example(rng, max(64, length - len(tok.encode(ANSWER_PREFIX))))
+    return torch.tensor(tok.encode(ex["prompt"] + ANSWER_PREFIX)), str(ex["key"])
 
 
 def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
-                   pose: float = 0.8):  # fmt: skip
+                   pose: float = 0.8, min_length: int | None = None, tok=BYTES):  # fmt: skip
     """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
     rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
     they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for."""
     ids, labels, pos, answer = [], [], [], []
     for _ in range(batch):
         n_keys = rng.randint(1, keys)
-        prompt, key = passkey_sample(rng, rng.randint(length // 2, length - 8), n_keys)
-        row = torch.cat((prompt, torch.tensor(list((key + ".").encode()))))
+        shortest = length // 2 if min_length is None else min(min_length, length - 8)
+        prompt, key = passkey_sample(rng, rng.randint(shortest, length - 8), n_keys, tok)
+        row = torch.cat((prompt, torch.tensor(tok.encode(key + "."))))
         spans = [(prompt.numel(), row.numel())]
         if row.numel() > length:
             raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
@@ -92,21 +135,25 @@ def small_config(**kw):
 
 def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: float = 3e-3, seed: int = 0,
           max_position: int = 131072, keys: int = 1, threads: int | None = None, answer_weight: float = 1.0,
-          pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2) -> list[float]:  # fmt: skip
+          pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2,
+          init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes") -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
     (PoSE) starts after a `pose_after` fraction of the steps, so retrieval is first learnt at plain positions.
-    Every `eval_every` steps: greedy accuracy on 16 fresh prompts of `length` bytes (logged, shown on the bar)."""
+    Every `eval_every` steps: greedy accuracy on 16 fresh prompts of `length` bytes (logged, shown on the bar).
+    init: continue from a saved model (e.g. a longer-row second stage); min_length: shortest row (default
+    length // 2), so one run can mix row lengths."""
     from deepseek import R1ForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    tok = load_tokenizer(tokenizer)
     config = small_config(max_position_embeddings=max_position + 512, num_hidden_layers=layers,
-                          first_k_dense_replace=layers)  # fmt: skip
-    model = R1ForCausalLM(config).train()
+                          first_k_dense_replace=layers, vocab_size=tok.vocab_size)  # fmt: skip
+    model = (R1ForCausalLM.from_pretrained(init) if init else R1ForCausalLM(config)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     losses, answer_losses, evals = [], [], []
     bar = tqdm(range(steps), desc="passkey train", unit="step")
@@ -115,7 +162,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         for g in opt.param_groups:
             g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         p = pose if step >= pose_after * steps else 0.0
-        ids, labels, pos, answer = training_batch(rng, batch, length, max_position, keys, pose=p)
+        ids, labels, pos, answer = training_batch(rng, batch, length, max_position, keys, pose=p,
+                                                  min_length=min_length, tok=tok)  # fmt: skip
         logits = model(ids, position_ids=pos).logits[:, :-1].float()  # (B, T-1, V)
         target, ans = labels[:, 1:], answer[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
@@ -130,7 +178,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         answer_losses.append(retr.item())
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             model.eval()
-            acc = passkey_accuracy(model, length, 16, compressed=False, seed=10_000 + step)
+            acc = passkey_accuracy(model, length, 16, compressed=False, seed=10_000 + step, tok=tok)
             model.train()
             evals.append((step + 1, acc))
         post = dict(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
@@ -141,7 +189,9 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     model.eval()
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    log = {"steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
+    if isinstance(tok, HFTokenizer):
+        tok.tok.save_pretrained(out)
+    log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
            "pose": pose, "pose_after": pose_after, "losses": losses, "answer_losses": answer_losses,
            "evals": evals}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
@@ -169,12 +219,12 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
 
 
 @torch.inference_mode()
-def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1) -> dict:
+def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1, tok=BYTES) -> dict:
     """One greedy retrieval: a fresh prompt of `length` bytes (from Random(seed)) through the full or the
     compressed cache. Returns {"hit", "answer", "key"}."""
     from .prefill import chunked_prefill, make_cache
 
-    prompt, key = passkey_sample(random.Random(seed), length, keys)
+    prompt, key = passkey_sample(random.Random(seed), length, keys, tok)
     ids = prompt[None]
     cache = make_cache(model.config, 1, ids.shape[1] + len(key) + 1, compressed=compressed)
     logits = chunked_prefill(model, ids, cache, chunk=model.config.prefill_chunk if compressed else 256)
@@ -185,29 +235,29 @@ def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1) -> 
         pos = torch.tensor([[ids.shape[1] + i]])
         h = model.model(input_ids=tok[:, None], position_ids=pos, cache=cache).last_hidden_state
         logits = model.lm_head(h[:, -1])
-    answer = bytes(out).decode("utf-8", "replace")
+    answer = tok.decode(out)
     return {"hit": answer == key, "answer": answer, "key": key}
 
 
 def passkey_accuracy(model, length: int, trials: int, compressed: bool, seed: int = 0, keys: int = 1,
-                     progress: bool = False) -> float:  # fmt: skip
+                     progress: bool = False, tok=BYTES) -> float:  # fmt: skip
     """Fraction of `trials` prompts of `length` bytes whose greedy 5-digit answer equals the key. Trial i
     uses the prompt of Random(f"{seed}-{i}"), so any subset of trials can be rerun (or sharded) alone."""
     hits = 0
     for i in tqdm(range(trials), desc=f"passkey {length}", disable=not progress, leave=False):
-        hits += passkey_trial(model, length, compressed, f"{seed}-{i}", keys)["hit"]
+        hits += passkey_trial(model, length, compressed, f"{seed}-{i}", keys, tok)["hit"]
     return hits / trials
 
 
-def essay_ids(length: int, seed: int = 0) -> torch.Tensor:
-    """`length` bytes of the project's prose filler (deepseek/tasks/filler.py), which repeats every ~4.6K
-    bytes: past the first cycle a model can predict it by copying from ~4.6K bytes back, beyond the window."""
+def essay_ids(length: int, seed: int = 0, tok=BYTES) -> torch.Tensor:
+    """`length` tokens of the project's prose filler (deepseek/tasks/filler.py), which repeats every ~4.6K
+    bytes: past the first cycle a model can predict it by copying from one cycle back, beyond the window."""
     from deepseek.tasks.filler import PROSE
 
     text = " ".join(PROSE.split())
     start = random.Random(seed).randrange(len(text))
-    reps = text[start:] + " " + (" " + text) * (length // len(text) + 2)
-    return torch.tensor(list(reps.encode("utf-8")[:length]))
+    reps = text[start:] + " " + (" " + text) * (length // len(text) + 2)  # >= length bytes >= length tokens
+    return torch.tensor(tok.encode(reps)[:length])
 
 
 @torch.inference_mode()
@@ -247,6 +297,9 @@ def main():
     t.add_argument("--pose-after", type=float, default=0.25, help="gaps start after this fraction of the steps")
     t.add_argument("--eval-every", type=int, default=200)
     t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--init", default=None, help="continue from this saved model")
+    t.add_argument("--min-length", type=int, default=None, help="shortest row (default: half of --length)")
+    t.add_argument("--tokenizer", default="bytes", help='"bytes" or a tokenizer/model folder or bundled name')
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")
@@ -259,7 +312,8 @@ def main():
         t0 = time.time()
         losses = train(args.out, args.steps, args.batch, args.length, args.lr, keys=args.keys, threads=args.threads,
                        answer_weight=args.answer_weight, pose=args.pose, pose_after=args.pose_after,
-                       eval_every=args.eval_every, layers=args.layers)  # fmt: skip
+                       eval_every=args.eval_every, layers=args.layers, init=args.init,
+                       min_length=args.min_length, tokenizer=args.tokenizer)  # fmt: skip
         print(json.dumps({"final_loss": round(sum(losses[-20:]) / 20, 4), "seconds": round(time.time() - t0)}))
         return
     from deepseek import R1ForCausalLM
@@ -272,12 +326,13 @@ def main():
     result = {}
     for n in lengths:
         for mode in args.modes.split(","):
-            acc = passkey_accuracy(model, n, args.trials, mode == "compressed", seed=n, keys=args.keys, progress=True)
+            acc = passkey_accuracy(model, n, args.trials, mode == "compressed", seed=n, keys=args.keys, progress=True,
+                                   tok=model_tokenizer(args.model))  # fmt: skip
             result[f"{n // 1024}k_{mode}"] = acc
             print(f"{n:>7} {mode:<10} {acc:.2f}", flush=True)
     skip = model.config.kv_window + 2 * model.config.kv_block_size  # where the caches start to differ
     for n in [int(x) for x in args.ppl_lengths.split(",") if x]:
-        ids = essay_ids(n)
+        ids = essay_ids(n, tok=model_tokenizer(args.model))
         for mode in args.modes.split(","):
             ppl = long_perplexity(model, ids, mode == "compressed", skip=skip)
             result[f"{n // 1024}k_ppl_{mode}"] = round(ppl, 4)

@@ -43,7 +43,7 @@ class GRPOConfig:
     prompts_per_step: int = 8  # P
     group_size: int = 6  # G
     max_new_tokens: int = 256
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature; the loss scores tokens with the same tempered policy
     top_p: float = 1.0
     # objective
     lr: float = 2e-4
@@ -108,9 +108,11 @@ def eval_sets(cfg: GRPOConfig, exclude: set[str], seed: int = 10_000) -> dict[st
     return sets
 
 
-def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+def sequence_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the batch's tokens under the policy that sampled them: softmax(logits / temperature)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mtp_loss_weight=0.0)
-    return token_logprobs(out.logits, batch["input_ids"])  # (B, T)
+    logits = out.logits if temperature == 1.0 else out.logits / temperature
+    return token_logprobs(logits, batch["input_ids"])  # (B, T)
 
 
 class RolloutBatches:
@@ -159,9 +161,9 @@ class RolloutBatches:
         batch = to_batch(rolls, self.tok.pad_token_id)
         batch["advantages"] = adv_B
         if cfg.updates_per_batch > 1:  # the sampling policy's log-probs, fixed across the repeated updates
-            batch["old_logp"] = sequence_logprobs(self.model, batch)
+            batch["old_logp"] = sequence_logprobs(self.model, batch, cfg.temperature)
         if self.ref is not None:
-            batch["ref_logp"] = sequence_logprobs(self.ref, batch)
+            batch["ref_logp"] = sequence_logprobs(self.ref, batch, cfg.temperature)
         acc_PG = torch.tensor([r.accuracy for r in rolls]).view(cfg.prompts_per_step, cfg.group_size)
         record = {"step": step + 1, "reward_mean": float(rewards_PG.mean()), "reward_std": float(rewards_PG.std()),
                   "accuracy": float(acc_PG.mean()), "format": sum(r.format for r in rolls) / len(rolls),
@@ -185,7 +187,7 @@ class RolloutBatches:
 
 def make_loss_fn(cfg: GRPOConfig):
     def loss_fn(model, batch: dict, config: TrainConfig) -> LossOutput:
-        logp = sequence_logprobs(model, batch)
+        logp = sequence_logprobs(model, batch, cfg.temperature)
         out = grpo_loss(logp, batch["advantages"], batch["completion_mask"], old_logp_BT=batch.get("old_logp"),
                         ref_logp_BT=batch.get("ref_logp"), beta=cfg.beta, clip_eps=cfg.clip_eps,
                         clip_eps_high=cfg.clip_eps_high, norm=cfg.norm)  # fmt: skip
