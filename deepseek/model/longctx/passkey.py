@@ -230,10 +230,10 @@ def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1, tok
     logits = chunked_prefill(model, ids, cache, chunk=model.config.prefill_chunk if compressed else 256)
     out = []
     for i in range(len(key)):
-        tok = logits.argmax(-1)
-        out.append(int(tok))
+        next_id = logits.argmax(-1)
+        out.append(int(next_id))
         pos = torch.tensor([[ids.shape[1] + i]])
-        h = model.model(input_ids=tok[:, None], position_ids=pos, cache=cache).last_hidden_state
+        h = model.model(input_ids=next_id[:, None], position_ids=pos, cache=cache).last_hidden_state
         logits = model.lm_head(h[:, -1])
     answer = tok.decode(out)
     return {"hit": answer == key, "answer": answer, "key": key}
