@@ -247,6 +247,9 @@ def test_passkey_prompts_and_pose_batches():
         assert int(ans.sum()) == 6 and bytes(row[ans].tolist()).decode()[:5].isdigit()  # 5 key digits + "."
     _, _, pos, _ = training_batch(rng, 8, 400, max_position=131072, pose=0.0)
     assert bool((pos == torch.arange(400)).all())  # pose=0: plain positions
+    _, _, pos, _ = training_batch(rng, 16, 400, max_position=131072, pose=1.0, max_gap=100)
+    spans = pos[:, -1] - pos[:, 0]
+    assert int(spans.max()) <= 399 + 100 and int(spans.max()) > 399  # the curriculum caps the gap
 
 
 def test_passkey_with_the_bundled_bpe_tokenizer():

@@ -87,7 +87,7 @@ def passkey_sample(rng: random.Random, length: int, keys: int = 1, tok=BYTES):
 
 
 def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
-                   pose: float = 0.8, min_length: int | None = None, tok=BYTES):  # fmt: skip
+                   pose: float = 0.8, min_length: int | None = None, tok=BYTES, max_gap: int | None = None):  # fmt: skip
     """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
     rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
     they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for."""
@@ -108,7 +108,8 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
         for a, b in spans:
             ans[a:b] = True
         split = rng.randint(1, length - 1)
-        gap = rng.randint(0, max(0, max_position - length)) if rng.random() < pose else 0
+        top = max_position - length if max_gap is None else min(max_gap, max_position - length)
+        gap = rng.randint(0, max(0, top)) if rng.random() < pose else 0
         p = torch.arange(length)
         p[split:] += gap
         ids.append(row)
@@ -136,7 +137,8 @@ def small_config(**kw):
 def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: float = 3e-3, seed: int = 0,
           max_position: int = 131072, keys: int = 1, threads: int | None = None, answer_weight: float = 1.0,
           pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2,
-          init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes") -> list[float]:  # fmt: skip
+          init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes",
+          gap_start: int | None = None) -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
@@ -162,8 +164,12 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         for g in opt.param_groups:
             g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         p = pose if step >= pose_after * steps else 0.0
+        max_gap = None
+        if gap_start:
+            frac = max(0.0, (step - pose_after * steps) / max(1.0, (1 - pose_after) * steps))
+            max_gap = int(gap_start * (max_position / gap_start) ** min(1.0, frac))
         ids, labels, pos, answer = training_batch(rng, batch, length, max_position, keys, pose=p,
-                                                  min_length=min_length, tok=tok)  # fmt: skip
+                                                  min_length=min_length, tok=tok, max_gap=max_gap)  # fmt: skip
         logits = model(ids, position_ids=pos).logits[:, :-1].float()  # (B, T-1, V)
         target, ans = labels[:, 1:], answer[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
@@ -300,6 +306,7 @@ def main():
     t.add_argument("--init", default=None, help="continue from this saved model")
     t.add_argument("--min-length", type=int, default=None, help="shortest row (default: half of --length)")
     t.add_argument("--tokenizer", default="bytes", help='"bytes" or a tokenizer/model folder or bundled name')
+    t.add_argument("--gap-start", type=int, default=None, help="PoSE gap curriculum: largest gap at the start")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")
@@ -313,7 +320,7 @@ def main():
         losses = train(args.out, args.steps, args.batch, args.length, args.lr, keys=args.keys, threads=args.threads,
                        answer_weight=args.answer_weight, pose=args.pose, pose_after=args.pose_after,
                        eval_every=args.eval_every, layers=args.layers, init=args.init,
-                       min_length=args.min_length, tokenizer=args.tokenizer)  # fmt: skip
+                       min_length=args.min_length, tokenizer=args.tokenizer, gap_start=args.gap_start)  # fmt: skip
         print(json.dumps({"final_loss": round(sum(losses[-20:]) / 20, 4), "seconds": round(time.time() - t0)}))
         return
     from deepseek import R1ForCausalLM
