@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -54,3 +55,12 @@ def to_transformers(model: R1ForCausalLM, tmp_path) -> DeepseekV3ForCausalLM:
     hf_config(model.config).save_pretrained(tmp_path)
     hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
     return hf.eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds sync cost (and spins badly on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,16 +18,9 @@ from deepseek.model.longctx import (
     make_cache,
 )
 from deepseek.model.longctx.quant import dequantize, dequantize_reference, quantize
-from tests.helpers import random_model, tiny_config
+from tests.helpers import one_thread, random_model, tiny_config  # noqa: F401 (fixture)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds sync cost (and spins badly on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LONG = dict(kv_block_size=8, kv_window=16, kv_sink_blocks=1, max_position_embeddings=512)

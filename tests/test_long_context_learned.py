@@ -9,15 +9,9 @@ import torch
 
 from deepseek import R1Config, R1ForCausalLM
 from deepseek.model.longctx import CompressedLatentCache, enable_learned, nsa_parameters
-from tests.helpers import random_model, tiny_config
+from tests.helpers import one_thread, random_model, tiny_config  # noqa: F401 (fixture)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # several sealed blocks at T=700: sinks 0..15, window 64, top-2 of up to ~38 blocks per tile

@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from .learned import block_summary
 from .quant import Quantized, dequantize, quantize
 
 
@@ -149,9 +150,7 @@ class CompressedLatentCache:
             pe = pe_BMR[:, n_sink * b :].unflatten(1, (-1, b))  # (B, m', b, R)
             lo, hi = st.n_blocks, st.n_blocks + kv.shape[1]
             keys = torch.cat((kv, pe), dim=-1)  # (B, m', b, K)
-            mean = keys.mean(2) if weights_b is None else torch.einsum("bmik,i->bmk", keys, weights_b)
-            st.kmean[:, lo:hi] = mean
-            st.kradius[:, lo:hi] = torch.maximum(keys.amax(2) - mean, mean - keys.amin(2))
+            st.kmean[:, lo:hi], st.kradius[:, lo:hi] = block_summary(keys, weights_b)
             if self.bits:
                 for dst, src in ((st.kv_q, kv), (st.pe_q, pe)):
                     q = quantize(src, self.bits, dst.group)

@@ -70,7 +70,7 @@ def nsa_parameters(model) -> list[nn.Parameter]:
 # ---------------------------------------------------------------------- summaries and tiles
 def block_summary(keys_BnbK: torch.Tensor, weights_b: torch.Tensor | None = None):
     """Blocks of keys (B, n, b, K) -> mean (B, n, K) (weighted when weights_b is given), radius (B, n, K) =
-    max |key - mean| per channel. The same formulas as CompressedLatentCache.seal."""
+    max |key - mean| per channel. Used by CompressedLatentCache.seal and by the training path."""
     if weights_b is None:
         mean = keys_BnbK.mean(2)
     else:
