@@ -150,8 +150,8 @@ def pretrain_records(cfg: RecipeConfig) -> list[dict]:
     return texts + [{"text": p} for p in paragraphs] * 4
 
 
-def sft_records(cfg: RecipeConfig) -> list[dict]:
-    return [{"messages": ex["messages"]} for ex in task_examples(cfg, cfg.sft_examples, seed=cfg.seed + 2)]
+def sft_records(cfg: RecipeConfig, mix: dict | None = None) -> list[dict]:
+    return [{"messages": ex["messages"]} for ex in task_examples(cfg, cfg.sft_examples, seed=cfg.seed + 2, mix=mix)]
 
 
 def sft2_config(cfg: RecipeConfig) -> RecipeConfig:
@@ -254,8 +254,7 @@ def run_sft2(cfg: RecipeConfig, out: Path, init: Path) -> Path:
 
 def run_sft3(cfg: RecipeConfig, out: Path, init: Path) -> Path:
     """Third SFT pass: the sft3_mix mixture (hardest in-distribution sets upweighted), longer blocks."""
-    records = [{"messages": ex["messages"]} for ex in task_examples(cfg, cfg.sft3_examples, cfg.sft3_seed + 2,
-                                                                     cfg.sft3_mix)]  # fmt: skip
+    records = sft_records(dataclasses.replace(cfg, sft_examples=cfg.sft3_examples, seed=cfg.sft3_seed), cfg.sft3_mix)
     return _sft_pass("sft3", records, out, init, cfg.sft3_steps, cfg.sft3_batch, cfg.sft3_seq_len, cfg.sft_lr,
                      cfg.sft3_seed, eval_every=250)  # fmt: skip
 

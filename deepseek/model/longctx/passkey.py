@@ -97,7 +97,6 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
         shortest = length // 2 if min_length is None else min(min_length, length - 8)
         prompt, key = passkey_sample(rng, rng.randint(shortest, length - 8), n_keys, tok)
         row = torch.cat((prompt, torch.tensor(tok.encode(key + "."))))
-        spans = [(prompt.numel(), row.numel())]
         if row.numel() > length:
             raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
         n = row.numel()
@@ -105,8 +104,7 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
         lab = row.clone()
         lab[n:] = -100  # no loss on padding
         ans = torch.zeros(length, dtype=torch.bool)
-        for a, b in spans:
-            ans[a:b] = True
+        ans[prompt.numel() : n] = True  # the key and its full stop
         split = rng.randint(1, length - 1)
         top = max_position - length if max_gap is None else min(max_gap, max_position - length)
         gap = rng.randint(0, max(0, top)) if rng.random() < pose else 0
