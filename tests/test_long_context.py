@@ -35,11 +35,13 @@ def chunked_logits(model, ids, cache, chunk):
 
 
 # ---------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("chunk", [1, 13, 64])
 @torch.no_grad()
-def test_lossless_settings_equal_full_attention(chunk):
-    """bits=0 and top-k >= #blocks: every position attended once at full precision -> same logits."""
-    cfg = tiny_config(kv_quant_bits=0, kv_topk_blocks=1000, **LONG)
+def test_lossless_settings_equal_full_attention(chunk, compact):
+    """bits=0 and top-k >= #blocks: every position attended once at full precision -> same logits. With
+    compact positions every block then sits in its own slot, which is its true position."""
+    cfg = tiny_config(kv_quant_bits=0, kv_topk_blocks=1000, kv_compact_positions=compact, **LONG)
     model = random_model(cfg)
     ids = torch.randint(3, cfg.vocab_size, (2, 150))
     full = model(ids).logits

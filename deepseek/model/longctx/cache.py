@@ -21,6 +21,15 @@ softmaxed over blocks per query and head and summed over the tile's queries and 
 shared latent "KV head", so selection is shared across heads as NSA does for a GQA group). A prefill tile
 selects with its mean query.
 
+With config.kv_compact_positions (training-free length extrapolation, in the spirit of StreamingLLM's
+in-cache positions and InfLLM's), each query tile sees its attended set laid out contiguously at rope positions
+just below the recent buffer: [block means][sinks][selected blocks, in order][recent, true positions]. Sealed
+blocks store their rope keys rotated back to block-relative positions 0..b-1 (so the summaries are position-free
+too) and are rotated to their slot when read. Every relative distance a query sees is then below
+window + chunk + (k + 2) * b + sinks, at any context length, so a model trained a little beyond that length
+is never asked for a distance it has not seen. When every block is selected the slots are the true positions,
+so the lossless settings stay exact.
+
 With config.kv_learned, each layer's `attn.nsa` (longctx/learned.py) adds learned log-gates to the three
 branches' scores and learned intra-block weights to the summary mean; without it nothing changes.
 
@@ -34,6 +43,7 @@ import math
 
 import torch
 
+from ..rope import rope_frequencies, rotate
 from .learned import block_summary
 from .quant import Quantized, dequantize, quantize
 
@@ -88,6 +98,9 @@ class CompressedLatentCache:
         self.group = config.kv_quant_group
         self.coarse = config.kv_coarse
         self.chunk = config.prefill_chunk
+        self.compact = getattr(config, "kv_compact_positions", False)
+        self.inv_freq = rope_frequencies(config.rope_parameters, self.R)[0]
+        self.interleave = config.rope_interleave
         self.max_len = max_len
         self.max_blocks = max(0, math.ceil(max_len / self.block) - self.sink_blocks)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -149,6 +162,8 @@ class CompressedLatentCache:
             kv = kv_BMC[:, n_sink * b :].unflatten(1, (-1, b))  # (B, m', b, C)
             pe = pe_BMR[:, n_sink * b :].unflatten(1, (-1, b))  # (B, m', b, R)
             lo, hi = st.n_blocks, st.n_blocks + kv.shape[1]
+            if self.compact:  # rope keys back to block-relative positions 0..b-1
+                pe = rotate(pe, -self.block_starts(lo, hi)[None, :, None], self.inv_freq, self.interleave)
             keys = torch.cat((kv, pe), dim=-1)  # (B, m', b, K)
             st.kmean[:, lo:hi], st.kradius[:, lo:hi] = block_summary(keys, weights_b)
             if self.bits:
@@ -165,6 +180,10 @@ class CompressedLatentCache:
         st.recent_kv[:, :keep] = st.recent_kv[:, m * b : m * b + keep].clone()
         st.recent_pe[:, :keep] = st.recent_pe[:, m * b : m * b + keep].clone()
         st.recent_start += m * b
+
+    def block_starts(self, lo: int, hi: int) -> torch.Tensor:
+        """First position of sealed blocks lo..hi-1: (hi - lo,)."""
+        return self.sink_len + torch.arange(lo, hi, device=self.device) * self.block
 
     # ------------------------------------------------------------------ reading
     def fetch(self, layer_idx: int, idx: torch.Tensor):
@@ -193,8 +212,12 @@ class CompressedLatentCache:
         if st.n_blocks:
             idx = torch.arange(st.n_blocks, device=self.device)[None, None].expand(B, 1, -1)
             bkv, bpe = self.fetch(layer_idx, idx)
+            bpe = bpe[:, 0]
+            if self.compact:  # block-relative rope keys back to their true positions
+                starts = self.block_starts(0, st.n_blocks).repeat_interleave(self.block)
+                bpe = rotate(bpe, starts[None], self.inv_freq, self.interleave)
             kv.append(bkv[:, 0])
-            pe.append(bpe[:, 0])
+            pe.append(bpe)
         n = st.length - st.recent_start
         kv.append(st.recent_kv[:, :n])
         pe.append(st.recent_pe[:, :n])
@@ -244,10 +267,23 @@ class CompressedLatentCache:
         t = min(T, self.block)
         X = math.ceil(T / t)
         pad = X * t - T
-        q_BTHK = torch.cat((q_lat_BTHC, q_pe_BTHR), dim=-1)
-        if pad:
-            q_BTHK = torch.cat((q_BTHK, q_BTHK.new_zeros(B, pad, H, q_BTHK.shape[-1])), dim=1)
-        q_BXtHK = q_BTHK.view(B, X, t, H, -1)
+        def tiles(q_pe):  # (B, T, H, R) -> the (B, X, t, H, K) query, zero-padded to whole tiles
+            q_BTHK = torch.cat((q_lat_BTHC, q_pe), dim=-1)
+            if pad:
+                q_BTHK = torch.cat((q_BTHK, q_BTHK.new_zeros(B, pad, H, q_BTHK.shape[-1])), dim=1)
+            return q_BTHK.view(B, X, t, H, -1)
+
+        q_BXtHK = tiles(q_pe_BTHR)
+        q_sel_BXtHK = q_BXtHK  # selection query (summaries)
+        r, b = st.recent_start, self.block
+        k = min(self.topk, st.n_blocks)  # blocks each tile reads in full
+        if self.compact:  # slots: [means at r-(k+1)b-sinks][sinks at r-kb-sinks][selected at r-kb..r)
+            sel_start = r - k * b
+
+            def place(pe, position):  # rope keys at relative positions -> at `position` + their offsets
+                return rotate(pe, torch.as_tensor(position, device=pe.device), self.inv_freq, self.interleave)
+
+            q_sel_BXtHK = tiles(place(q_pe_BTHR, -sel_start))  # summaries read as if in the first slot
         scores, values = [], []  # scores (B, H, X, t, S_part); values: (shared (B,S,C) or per tile (B,X,S,C))
         if gates_BTH3 is not None:  # (B, H, X, t, 3) log-gates per query and branch
             g = torch.cat((gates_BTH3, gates_BTH3.new_zeros(B, pad, H, 3)), 1) if pad else gates_BTH3
@@ -256,25 +292,34 @@ class CompressedLatentCache:
         def gated(s, branch: int):  # branch 0: sinks + selected blocks, 1: coarse means, 2: recent
             return s if gates_BTH3 is None else s + g_BHXt3[..., branch : branch + 1]
 
-        def shared(kv_BSC, pe_BSR):
+        def shared(q, kv_BSC, pe_BSR):
             k_BSK = torch.cat((kv_BSC, pe_BSR), dim=-1)
-            return torch.einsum("bxthk,bsk->bhxts", q_BXtHK, k_BSK) * scale
+            return torch.einsum("bxthk,bsk->bhxts", q, k_BSK) * scale
 
         if st.sink_filled:
             kv, pe = st.sink_kv[:, : st.sink_filled], st.sink_pe[:, : st.sink_filled]
-            scores.append(gated(shared(kv, pe), 0))
+            if self.compact:  # stored at true positions 0.. (= block-relative)
+                pe = place(pe, sel_start - st.sink_filled)
+            scores.append(gated(shared(q_BXtHK, kv, pe), 0))
             values.append(("shared", kv))
         if st.n_blocks:
             valid = None
             if pad:
-                valid = (torch.arange(X * t, device=q_BTHK.device) < T).to(q_BTHK.dtype).view(X, t)
-            idx_BXk = self.select_blocks(q_BXtHK, layer_idx, scale, valid)
+                valid = (torch.arange(X * t, device=q_lat_BTHC.device) < T).to(q_lat_BTHC.dtype).view(X, t)
+            idx_BXk = self.select_blocks(q_sel_BXtHK, layer_idx, scale, valid)
+            if self.compact:  # in order, each to its slot
+                idx_BXk = idx_BXk.sort(-1).values
             kv, pe = self.fetch(layer_idx, idx_BXk)  # (B, X, k*b, C), (B, X, k*b, R)
+            if self.compact:
+                pe = place(pe, sel_start + b * torch.arange(k, device=pe.device).repeat_interleave(b))
             k_BXSK = torch.cat((kv, pe), dim=-1)
             scores.append(gated(torch.einsum("bxthk,bxsk->bhxts", q_BXtHK, k_BXSK) * scale, 0))
             values.append(("tiled", kv))
             if self.coarse and st.n_blocks > idx_BXk.shape[-1]:
                 mean_BnK = st.kmean[:, : st.n_blocks]
+                if self.compact:
+                    lat, pe = mean_BnK.split([C, self.R], dim=-1)
+                    mean_BnK = torch.cat((lat, place(pe, sel_start - st.sink_filled - b)), dim=-1)
                 s = torch.einsum("bxthk,bnk->bhxtn", q_BXtHK, mean_BnK) * scale + math.log(self.block)
                 s = gated(s, 1)
                 chosen_BXn = torch.zeros(B, X, st.n_blocks, dtype=torch.bool, device=s.device)
@@ -284,7 +329,7 @@ class CompressedLatentCache:
                 values.append(("shared", mean_BnK[..., :C]))
         n = st.length - st.recent_start
         kv, pe = st.recent_kv[:, :n], st.recent_pe[:, :n]
-        s = gated(shared(kv, pe), 2)
+        s = gated(shared(q_BXtHK, kv, pe), 2)
         q_pos = torch.arange(st.length - T, st.length - T + X * t, device=s.device).view(X, t, 1)
         k_pos = torch.arange(st.recent_start, st.length, device=s.device)
         scores.append(s.masked_fill_(k_pos > q_pos, float("-inf")))

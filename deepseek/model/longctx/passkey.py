@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -86,16 +87,79 @@ def passkey_sample(rng: random.Random, length: int, keys: int = 1, tok=BYTES):
     return torch.tensor(tok.encode(ex["prompt"] + ANSWER_PREFIX)), str(ex["key"])
 
 
+def needle_spans(prompt_T: torch.Tensor, tok=BYTES) -> list[tuple[int, int]]:
+    """Token spans [start, end) of every needle ("The pass key ... is K. Remember it. K is the pass key ...")."""
+    text = tok.decode(prompt_T.tolist())
+    at = (lambda i: i) if isinstance(tok, ByteTokenizer) else (lambda i: len(tok.encode(text[:i])))
+    spans = []
+    for m in re.finditer(r"The pass key(?: for \w+)? is (\d+)\. Remember it\. \1 is the pass key(?: for \w+)?\.", text):
+        spans.append((at(m.start()), at(m.end())))
+    return spans
+
+
+# The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
+# 4 selected per query tile, a 128-token window, 128-token prefill chunks, rope positions compacted, no block
+# means (a query sees at most view_length = 640 tokens, all at distances it was trained on).
+VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=128, prefill_chunk=128, kv_topk_blocks=4,
+                     kv_coarse=False, kv_compact_positions=True)
+
+
+def view_length(config) -> int:
+    """Longest compact view (compact_view) a query sees: sinks + top-k blocks + the largest recent buffer."""
+    b = config.kv_block_size
+    return config.kv_sink_blocks * b + config.kv_topk_blocks * b + config.kv_window + b + config.prefill_chunk
+
+
+def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[tuple[int, int]],
+                 may: list[tuple[int, int]] = ()) -> torch.Tensor:  # fmt: skip
+    """The tokens the last query of `prompt_T` attends to through CompressedLatentCache with
+    kv_compact_positions and no block means, in the order (= rope positions) it sees them: the sinks, top-k
+    sealed blocks in order, then the recent buffer (window + part of a block + the last prefill chunk).
+    Selection is simulated: blocks overlapping `must` spans, then `may` spans (each with probability 1/2),
+    then random blocks. Training on these rows teaches retrieval across the cuts the cache makes."""
+    b, T = config.kv_block_size, prompt_T.numel()
+    sink = config.kv_sink_blocks * b
+    last_chunk = rng.randint(1, config.prefill_chunk)  # the recent buffer: [window, window + b) + last chunk
+    n = max(0, (T - last_chunk - config.kv_window - sink) // b)  # sealed blocks
+    if n <= config.kv_topk_blocks:
+        return prompt_T
+    r = sink + n * b
+
+    def blocks(span):
+        lo, hi = max(span[0], sink), min(span[1], r)
+        return list(range((lo - sink) // b, (hi - 1 - sink) // b + 1)) if lo < hi else []
+
+    chosen: list[int] = []
+    for span in list(must) + [sp for sp in may if rng.random() < 0.5]:
+        chosen += [j for j in blocks(span) if j not in chosen]
+    chosen = chosen[: config.kv_topk_blocks]
+    rest = [j for j in range(n) if j not in chosen]
+    chosen += rng.sample(rest, config.kv_topk_blocks - len(chosen))
+    parts = [prompt_T[:sink]] + [prompt_T[sink + j * b : sink + (j + 1) * b] for j in sorted(chosen)]
+    return torch.cat(parts + [prompt_T[r:]])
+
+
 def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
-                   pose: float = 0.8, min_length: int | None = None, tok=BYTES, max_gap: int | None = None):  # fmt: skip
+                   pose: float = 0.8, min_length: int | None = None, tok=BYTES, max_gap: int | None = None,
+                   view=None, view_frac: float = 0.75, view_source: tuple[int, int] = (1024, 8192)):  # fmt: skip
     """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
     rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
-    they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for."""
+    they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for.
+    view (an R1Config): a `view_frac` fraction of rows are compact views (compact_view) of prompts of
+    view_source tokens, as the compressed cache with kv_compact_positions shows them; no PoSE on those."""
     ids, labels, pos, answer = [], [], [], []
     for _ in range(batch):
         n_keys = rng.randint(1, keys)
         shortest = length // 2 if min_length is None else min(min_length, length - 8)
-        prompt, key = passkey_sample(rng, rng.randint(shortest, length - 8), n_keys, tok)
+        cut = view is not None and rng.random() < view_frac
+        prompt, key = passkey_sample(rng, rng.randint(*view_source) if cut else rng.randint(shortest, length - 8),
+                                     n_keys, tok)  # fmt: skip
+        if view is not None and prompt.numel() > length - 8:  # many keys need more room: cut it as well
+            cut = True
+        if cut:
+            spans = needle_spans(prompt, tok)
+            asked = [sp for sp in spans if key in tok.decode(prompt[sp[0] : sp[1]].tolist())]
+            prompt = compact_view(rng, prompt, view, asked, [sp for sp in spans if sp not in asked])
         row = torch.cat((prompt, torch.tensor(tok.encode(key + "."))))
         if row.numel() > length:
             raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
@@ -107,7 +171,7 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
         ans[prompt.numel() : n] = True  # the key and its full stop
         split = rng.randint(1, length - 1)
         top = max_position - length if max_gap is None else min(max_gap, max_position - length)
-        gap = rng.randint(0, max(0, top)) if rng.random() < pose else 0
+        gap = rng.randint(0, max(0, top)) if rng.random() < pose and not cut else 0
         p = torch.arange(length)
         p[split:] += gap
         ids.append(row)
@@ -136,14 +200,18 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
           max_position: int = 131072, keys: int = 1, threads: int | None = None, answer_weight: float = 1.0,
           pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2,
           init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes",
-          gap_start: int | None = None) -> list[float]:  # fmt: skip
+          gap_start: int | None = None, view: bool = False, view_frac: float = 0.75,
+          view_source: tuple[int, int] = (1024, 8192)) -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
     (PoSE) starts after a `pose_after` fraction of the steps, so retrieval is first learnt at plain positions.
     Every `eval_every` steps: greedy accuracy on 16 fresh prompts of `length` bytes (logged, shown on the bar).
     init: continue from a saved model (e.g. a longer-row second stage); min_length: shortest row (default
-    length // 2), so one run can mix row lengths."""
+    length // 2), so one run can mix row lengths. view: train for the compressed cache with compact
+    positions (VIEW_SETTINGS written into the model's config): a view_frac fraction of rows are what its
+    last query attends to in prompts of view_source tokens (compact_view); in-training accuracy is then
+    measured through the compressed cache at 4x `length`."""
     from deepseek import R1ForCausalLM
 
     if threads:
@@ -154,6 +222,11 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     config = small_config(max_position_embeddings=max_position + 512, num_hidden_layers=layers,
                           first_k_dense_replace=layers, vocab_size=tok.vocab_size)  # fmt: skip
     model = (R1ForCausalLM.from_pretrained(init) if init else R1ForCausalLM(config)).train()
+    if view:
+        for k, v in VIEW_SETTINGS.items():
+            setattr(model.config, k, v)
+        if length < view_length(model.config) + 8:
+            raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     losses, answer_losses, evals = [], [], []
     bar = tqdm(range(steps), desc="passkey train", unit="step")
@@ -167,7 +240,9 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
             frac = max(0.0, (step - pose_after * steps) / max(1.0, (1 - pose_after) * steps))
             max_gap = int(gap_start * (max_position / gap_start) ** min(1.0, frac))
         ids, labels, pos, answer = training_batch(rng, batch, length, max_position, keys, pose=p,
-                                                  min_length=min_length, tok=tok, max_gap=max_gap)  # fmt: skip
+                                                  min_length=min_length, tok=tok, max_gap=max_gap,
+                                                  view=model.config if view else None, view_frac=view_frac,
+                                                  view_source=view_source)  # fmt: skip
         logits = model(ids, position_ids=pos).logits[:, :-1].float()  # (B, T-1, V)
         target, ans = labels[:, 1:], answer[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
@@ -182,7 +257,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         answer_losses.append(retr.item())
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             model.eval()
-            acc = passkey_accuracy(model, length, 16, compressed=False, seed=10_000 + step, tok=tok)
+            acc = passkey_accuracy(model, 4 * length if view else length, 16, compressed=view, seed=10_000 + step,
+                                   tok=tok)  # fmt: skip
             model.train()
             evals.append((step + 1, acc))
         post = dict(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
@@ -196,7 +272,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if isinstance(tok, HFTokenizer):
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
-           "pose": pose, "pose_after": pose_after, "losses": losses, "answer_losses": answer_losses,
+           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "losses": losses, "answer_losses": answer_losses,
            "evals": evals}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
@@ -305,6 +381,9 @@ def main():
     t.add_argument("--min-length", type=int, default=None, help="shortest row (default: half of --length)")
     t.add_argument("--tokenizer", default="bytes", help='"bytes" or a tokenizer/model folder or bundled name')
     t.add_argument("--gap-start", type=int, default=None, help="PoSE gap curriculum: largest gap at the start")
+    t.add_argument("--view", action="store_true", help="train for the compressed cache's compact views")
+    t.add_argument("--view-frac", type=float, default=0.75, help="with --view: fraction of rows that are views")
+    t.add_argument("--view-source", default="1024,8192", help="with --view: prompt lengths the views come from")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")
@@ -318,7 +397,9 @@ def main():
         losses = train(args.out, args.steps, args.batch, args.length, args.lr, keys=args.keys, threads=args.threads,
                        answer_weight=args.answer_weight, pose=args.pose, pose_after=args.pose_after,
                        eval_every=args.eval_every, layers=args.layers, init=args.init,
-                       min_length=args.min_length, tokenizer=args.tokenizer, gap_start=args.gap_start)  # fmt: skip
+                       min_length=args.min_length, tokenizer=args.tokenizer, gap_start=args.gap_start,
+                       view=args.view, view_frac=args.view_frac,
+                       view_source=tuple(int(x) for x in args.view_source.split(",")))  # fmt: skip
         print(json.dumps({"final_loss": round(sum(losses[-20:]) / 20, 4), "seconds": round(time.time() - t0)}))
         return
     from deepseek import R1ForCausalLM

@@ -1,0 +1,108 @@
+"""Compact rope positions in the compressed cache (kv_compact_positions) and the passkey views trained for them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from deepseek.model.longctx import CompressedLatentCache
+from deepseek.model.longctx.passkey import (
+    VIEW_SETTINGS,
+    compact_view,
+    needle_spans,
+    passkey_sample,
+    small_config,
+    training_batch,
+    view_length,
+)
+from deepseek.model.rope import rope_frequencies, rotate
+from tests.helpers import one_thread, tiny_config  # noqa: F401 (fixture)
+
+LONG = dict(kv_block_size=8, kv_window=16, kv_sink_blocks=1, max_position_embeddings=4096)
+
+
+def decode_output(cfg, n_filler: int) -> torch.Tensor:
+    """One decode query's attention output over [sink][n_filler filler blocks][needle block][window], with the
+    rope keys at their true positions; the needle is built to be the one block selected."""
+    C, R, b = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.kv_block_size
+    g = torch.Generator().manual_seed(0)
+    H = cfg.num_attention_heads
+    q_lat = torch.randn(1, 1, H, C, generator=g)
+    q_raw = torch.randn(1, 1, H, R, generator=g)
+    sink = torch.randn(b, C + R, generator=g)
+    needle = torch.randn(b, C + R, generator=g)
+    needle[:, :C] += 4 * q_lat[0, 0].mean(0)  # the block the query matches
+    window = torch.randn(20, C + R, generator=g)
+    filler = torch.randn(1, C + R, generator=g).expand(n_filler * b, -1) * 0.1
+    rows = torch.cat((sink, filler, needle, window))  # (L, C + R)
+    L = rows.shape[0]
+    inv_freq = rope_frequencies(cfg.rope_parameters, R)[0]
+    pe = rotate(rows[:, C:], torch.arange(L), inv_freq, cfg.rope_interleave)  # true positions
+    cache = CompressedLatentCache(cfg, 1, L + 1, layers=1)
+    cache.append(rows[None, :, :C], pe[None], 0)
+    cache.seal(0)
+    new = torch.randn(1, 1, C + R, generator=g)
+    cache.append(new[..., :C], rotate(new[..., C:], torch.tensor([L]), inv_freq, cfg.rope_interleave), 0)
+    q_pe = rotate(q_raw, torch.tensor([L])[None, :, None], inv_freq, cfg.rope_interleave)
+    return cache.attend_latent(q_lat, q_pe, 0, scale=0.2)
+
+
+@torch.no_grad()
+def test_compact_positions_make_far_distance_irrelevant():
+    """With compact positions, how far back the selected block lies does not change the output at all; with
+    exact positions it does (rope sees the distance)."""
+    compact = tiny_config(kv_quant_bits=0, kv_topk_blocks=1, kv_coarse=False, kv_compact_positions=True, **LONG)
+    near, far = decode_output(compact, 2), decode_output(compact, 300)
+    torch.testing.assert_close(near, far, atol=1e-5, rtol=1e-5)
+    exact = tiny_config(kv_quant_bits=0, kv_topk_blocks=1, kv_coarse=False, **LONG)
+    assert (decode_output(exact, 2) - decode_output(exact, 300)).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_compact_reconstruct_returns_true_positions():
+    cfg = tiny_config(kv_quant_bits=0, kv_compact_positions=True, **LONG)
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    kv, pe = torch.randn(1, 90, C), torch.randn(1, 90, R)
+    cache = CompressedLatentCache(cfg, 1, 90, layers=1)
+    cache.append(kv, pe, 0)
+    cache.seal(0)
+    assert cache.store[0].n_blocks > 3
+    rkv, rpe = cache.reconstruct(0)
+    torch.testing.assert_close(rkv, kv)
+    torch.testing.assert_close(rpe, pe, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_positions_flag_is_validated():
+    with pytest.raises(ValueError, match="kv_compact_positions"):
+        tiny_config(kv_compact_positions=1)
+
+
+def test_compact_view_keeps_sinks_the_needle_and_the_recent_tokens():
+    cfg = small_config(**VIEW_SETTINGS)
+    rng = random.Random(0)
+    for trial in range(20):
+        prompt, key = passkey_sample(rng, rng.randint(1024, 8192), keys=1 + trial % 3)
+        spans = needle_spans(prompt)
+        assert len(spans) == 1 + trial % 3
+        asked = [sp for sp in spans if key in bytes(prompt[sp[0] : sp[1]].tolist()).decode()]
+        view = compact_view(rng, prompt, cfg, asked, [sp for sp in spans if sp not in asked])
+        text = bytes(view.tolist()).decode()
+        assert view.numel() <= view_length(cfg)
+        assert text.startswith(bytes(prompt[:64].tolist()).decode())  # the sink block
+        assert f"is {key}." in text  # the asked key is in a selected block
+        assert text.endswith(bytes(prompt[-cfg.kv_window :].tolist()).decode())  # the window
+    short, _ = passkey_sample(rng, 400)
+    assert torch.equal(compact_view(rng, short, cfg, []), short)  # nothing sealed beyond the top-k: no cut
+
+
+def test_training_batch_with_views_fits_and_marks_the_answer():
+    cfg = small_config(**VIEW_SETTINGS)
+    ids, labels, pos, answer = training_batch(random.Random(1), 12, 656, 131072, keys=4, pose=0.0, view=cfg,
+                                              view_frac=0.75, min_length=560)  # fmt: skip
+    assert ids.shape == (12, 656) and bool((pos == torch.arange(656)).all())
+    for row, lab, ans in zip(ids, labels, answer):
+        text = bytes(row[lab != -100].tolist()).decode()
+        digits = bytes(row[ans].tolist()).decode()
+        assert digits[:5].isdigit() and digits[5] == "." and f"is {digits[:5]}." in text[: -7]
