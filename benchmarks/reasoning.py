@@ -35,7 +35,7 @@ EVAL_SEED = 424242
 
 def problems(spec: str, n: int, exclude: set[str]) -> list[dict]:
     name, d = spec.split(":")
-    pool = get_task(name).generate(3 * n, seed=EVAL_SEED, difficulty=int(d))
+    pool = get_task(name).generate(10 * n, seed=EVAL_SEED, difficulty=int(d))  # most 2-digit products were trained on
     return [ex for ex in pool if ex["prompt"] not in exclude][:n]
 
 

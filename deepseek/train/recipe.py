@@ -11,6 +11,7 @@ Stages and what they leave under <out>:
     sft2/        a second SFT pass on fresh examples with a bigger batch (sft2_steps=0 skips it)
     sft3/        a third pass weighted towards the hardest in-distribution sets (2-digit multiplication,
                  3-digit subtraction), longer blocks for the long multiplication traces (sft3_steps=0 skips it)
+    sft4/        the same mixture again on fresh examples at half the learning rate (sft4_steps=0 skips it)
     grpo/        GRPO with rule-based rewards (grader accuracy + <think> format) on prompts only, including
                  harder ones (more digits) than any SFT trace
     recipe.json  the resolved recipe and the wall-clock seconds of each stage
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from .config import preset
 
-STAGES = ("tokenizer", "pretrain", "sft", "sft2", "sft3", "grpo")
+STAGES = ("tokenizer", "pretrain", "sft", "sft2", "sft3", "sft4", "grpo")
 IGNORE = -100
 
 
@@ -81,6 +82,11 @@ class RecipeConfig:
         "addition:1": 0.03, "addition:2": 0.07, "addition:3": 0.10, "subtraction:1": 0.03, "subtraction:2": 0.07,
         "subtraction:3": 0.15, "multiplication:1": 0.05, "multiplication:2": 0.35, "countdown:3": 0.075,
         "passkey:64": 0.0375, "passkey:96": 0.0375})  # fmt: skip
+    # a fourth pass: sft3_mix on fresh examples (another seed), lower learning rate, from sft3's checkpoint
+    sft4_examples: int = 16000
+    sft4_steps: int = 800
+    sft4_seed: int = 23
+    sft4_lr: float = 5e-4
     # GRPO (fields of GRPOConfig, merged over its defaults): the in-distribution sets, weighted to the hard ones
     grpo: dict = field(default_factory=lambda: dict(
         steps=40, prompts_per_step=12, group_size=8, max_new_tokens=352, temperature=1.2, lr=2e-5, beta=0.02,
@@ -113,7 +119,7 @@ def recipe(name: str, **overrides) -> RecipeConfig:
         kw = dict(model=small, vocab_size=384, pretrain_examples=300, pretrain_steps=4, pretrain_batch=4,
                   pretrain_seq_len=128, sft_examples=100, sft_steps=4, sft_batch=4, sft_seq_len=192,
                   sft2_examples=60, sft2_steps=2, sft2_batch=4, sft3_examples=60, sft3_steps=2, sft3_batch=4,
-                  sft3_seq_len=192,
+                  sft3_seq_len=192, sft4_examples=60, sft4_steps=2,
                   sft_digits=(1, 2), mul_digits=(1,),
                   grpo=dict(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=48, tasks=["addition:1", "addition:2"],
                             eval_tasks=["addition:2"], eval_every=0, eval_examples=4, save_every=2))  # fmt: skip
@@ -165,6 +171,8 @@ def training_prompts(cfg: RecipeConfig) -> set[str]:
         exs += task_examples(cfg, cfg.sft2_examples, cfg.sft2_seed + 2)
     if cfg.sft3_steps:
         exs += task_examples(cfg, cfg.sft3_examples, cfg.sft3_seed + 2, cfg.sft3_mix)
+    if cfg.sft4_steps:
+        exs += task_examples(cfg, cfg.sft4_examples, cfg.sft4_seed + 2, cfg.sft3_mix)
     return {ex["prompt"] for ex in exs}
 
 
@@ -259,6 +267,13 @@ def run_sft3(cfg: RecipeConfig, out: Path, init: Path) -> Path:
                      cfg.sft3_seed, eval_every=250)  # fmt: skip
 
 
+def run_sft4(cfg: RecipeConfig, out: Path, init: Path) -> Path:
+    """Fourth SFT pass: sft3_mix again on fresh examples, at sft4_lr."""
+    records = sft_records(dataclasses.replace(cfg, sft_examples=cfg.sft4_examples, seed=cfg.sft4_seed), cfg.sft3_mix)
+    return _sft_pass("sft4", records, out, init, cfg.sft4_steps, cfg.sft3_batch, cfg.sft3_seq_len, cfg.sft4_lr,
+                     cfg.sft4_seed, eval_every=200)  # fmt: skip
+
+
 def run_grpo(cfg: RecipeConfig, out: Path, init: Path) -> Path:
     from .rl.grpo import GRPOConfig, train_grpo
 
@@ -299,8 +314,11 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES) -> dict:
         timed("sft2", run_sft2, cfg, out, Path(outputs["sft"]))
     if "sft3" in stages and cfg.sft3_steps:
         timed("sft3", run_sft3, cfg, out, Path(outputs.get("sft2") or outputs["sft"]))
+    if "sft4" in stages and cfg.sft4_steps:
+        timed("sft4", run_sft4, cfg, out, Path(outputs.get("sft3") or outputs.get("sft2") or outputs["sft"]))
     if "grpo" in stages:
-        timed("grpo", run_grpo, cfg, out, Path(outputs.get("sft3") or outputs.get("sft2") or outputs["sft"]))
+        last = next(outputs[s] for s in ("sft4", "sft3", "sft2", "sft") if s in outputs)
+        timed("grpo", run_grpo, cfg, out, Path(last))
     record["total_seconds"] = sum(record["seconds"].values())
     times_path.write_text(json.dumps(record, indent=2))
     return record
@@ -327,7 +345,7 @@ def run_cli(args) -> int:
     if args.bundle:
         outputs = record["outputs"]
         note = {"recipe": args.name, "seconds": record["seconds"], "total_seconds": record.get("total_seconds")}
-        base = next(s for s in ("sft3", "sft2", "sft") if s in outputs)
+        base = next(s for s in ("sft4", "sft3", "sft2", "sft") if s in outputs)
         for stage, name in ((base, "r1-base"), ("grpo", "r1-tiny")):
             if stage in outputs:
                 print(f"[recipe] bundled {bundle(outputs[stage], name, note=dict(note, stage=stage))}", flush=True)
