@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--examples", type=int, default=40, help="problems per set")
     p.add_argument("--samples", type=int, default=8, help="samples per problem for pass@k (k = samples)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=320)
+    p.add_argument("--max-new-tokens", type=int, default=352)  # a 2-digit multiplication trace is ~310
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="20 problems per set, 4 samples")
     p.add_argument("--png", default="docs/reasoning_eval.png")

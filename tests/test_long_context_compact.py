@@ -99,9 +99,9 @@ def test_compact_view_keeps_sinks_the_needle_and_the_recent_tokens():
 
 def test_training_batch_with_views_fits_and_marks_the_answer():
     cfg = small_config(**VIEW_SETTINGS)
-    ids, labels, pos, answer = training_batch(random.Random(1), 12, 656, 131072, keys=4, pose=0.0, view=cfg,
-                                              view_frac=0.75, min_length=560)  # fmt: skip
-    assert ids.shape == (12, 656) and bool((pos == torch.arange(656)).all())
+    ids, labels, pos, answer = training_batch(random.Random(1), 12, 392, 131072, keys=4, pose=0.0, view=cfg,
+                                              view_frac=0.75, min_length=300)  # fmt: skip
+    assert ids.shape == (12, 392) and bool((pos == torch.arange(392)).all())
     for row, lab, ans in zip(ids, labels, answer):
         text = bytes(row[lab != -100].tolist()).decode()
         digits = bytes(row[ans].tolist()).decode()

@@ -98,9 +98,9 @@ def needle_spans(prompt_T: torch.Tensor, tok=BYTES) -> list[tuple[int, int]]:
 
 
 # The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
-# 4 selected per query tile, a 128-token window, 128-token prefill chunks, rope positions compacted, no block
-# means (a query sees at most view_length = 640 tokens, all at distances it was trained on).
-VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=128, prefill_chunk=128, kv_topk_blocks=4,
+# 2 selected per query tile, a 64-token window, 64-token prefill chunks, rope positions compacted, no block
+# means: a query sees at most view_length = 384 tokens, all at distances it was trained on.
+VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=64, prefill_chunk=64, kv_topk_blocks=2,
                      kv_coarse=False, kv_compact_positions=True)
 
 
