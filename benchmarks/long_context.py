@@ -219,6 +219,7 @@ def main():
     parser.add_argument("--ppl-lengths", default="", help="also perplexity of both caches on prose of these lengths")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the accuracy phase")
     parser.add_argument("--no-timing", action="store_true", help="accuracy phase only (needs --model)")
+    parser.add_argument("--no-accuracy", action="store_true", help="with --model: timing and memory only, with its config")
     parser.add_argument("--decode-steps", type=int, default=12)
     parser.add_argument("--full-prefill-max", type=int, default=32768, help="longest full-cache prefill to run")
     parser.add_argument("--full-chunk", type=int, default=256, help="full-cache prefill chunk (T x S scores)")
@@ -236,7 +237,9 @@ def main():
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     result = {"hardware": f"{platform.machine()}, {args.threads} thread(s) x {args.jobs} job(s), fp32",
               "model": args.model or "random small_config"}  # fmt: skip
-    if args.model:
+    if args.no_timing and args.no_accuracy:
+        raise SystemExit("--no-timing and --no-accuracy together leave nothing to measure")
+    if args.model and not args.no_accuracy:
         acc = accuracy_phase(args, lengths)
         result.update(accuracy_report(acc, lengths, args.ppl_lengths))
         if args.no_timing:

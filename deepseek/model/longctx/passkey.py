@@ -87,13 +87,15 @@ def passkey_sample(rng: random.Random, length: int, keys: int = 1, tok=BYTES):
     return torch.tensor(tok.encode(ex["prompt"] + ANSWER_PREFIX)), str(ex["key"])
 
 
-def needle_spans(prompt_T: torch.Tensor, tok=BYTES) -> list[tuple[int, int]]:
-    """Token spans [start, end) of every needle ("The pass key ... is K. Remember it. K is the pass key ...")."""
+def needle_spans(prompt_T: torch.Tensor, tok=BYTES, keys: bool = False) -> list[tuple[int, int]]:
+    """Token spans [start, end) of every needle ("The pass key ... is K. Remember it. K is the pass key ...");
+    keys=True: the spans of the two written keys K of each needle instead (two per needle)."""
     text = tok.decode(prompt_T.tolist())
     at = (lambda i: i) if isinstance(tok, ByteTokenizer) else (lambda i: len(tok.encode(text[:i])))
     spans = []
-    for m in re.finditer(r"The pass key(?: for \w+)? is (\d+)\. Remember it\. \1 is the pass key(?: for \w+)?\.", text):
-        spans.append((at(m.start()), at(m.end())))
+    for m in re.finditer(r"The pass key(?: for \w+)? is (\d+)\. Remember it\. (\1) is the pass key(?: for \w+)?\.", text):
+        pairs = [(m.start(1), m.end(1)), (m.start(2), m.end(2))] if keys else [(m.start(), m.end())]
+        spans += [(at(a), at(z)) for a, z in pairs]
     return spans
 
 
@@ -116,7 +118,8 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
     kv_compact_positions and no block means, in the order (= rope positions) it sees them: the sinks, top-k
     sealed blocks in order, then the recent buffer (window + part of a block + the last prefill chunk).
     Selection is simulated: blocks overlapping `must` spans, then `may` spans (each with probability 1/2),
-    then random blocks. Training on these rows teaches retrieval across the cuts the cache makes."""
+    then random blocks; so a needle cut at a block boundary is seen whole or in part, as selection may pick it.
+    Training on these rows teaches retrieval across the cuts the cache makes."""
     b, T = config.kv_block_size, prompt_T.numel()
     sink = config.kv_sink_blocks * b
     last_chunk = rng.randint(1, config.prefill_chunk)  # the recent buffer: [window, window + b) + last chunk
@@ -156,10 +159,10 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
                                      n_keys, tok)  # fmt: skip
         if view is not None and prompt.numel() > length - 8:  # many keys need more room: cut it as well
             cut = True
-        if cut:
+        if cut:  # one written copy of the asked key for sure, the rest of the needles (any key) maybe
             spans = needle_spans(prompt, tok)
-            asked = [sp for sp in spans if key in tok.decode(prompt[sp[0] : sp[1]].tolist())]
-            prompt = compact_view(rng, prompt, view, asked, [sp for sp in spans if sp not in asked])
+            copies = [sp for sp in needle_spans(prompt, tok, keys=True) if tok.decode(prompt[sp[0] : sp[1]].tolist()) == key]
+            prompt = compact_view(rng, prompt, view, [rng.choice(copies)], spans)
         row = torch.cat((prompt, torch.tensor(tok.encode(key + "."))))
         if row.numel() > length:
             raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
