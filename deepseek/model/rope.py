@@ -98,7 +98,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, interleave: bool = True) -> torch.Tensor:
     """x (..., R) rotated by `positions` (broadcastable to x.shape[:-1]; may be negative), no attention factor.
     Rotations compose, so rotate(apply_rope(x, p), d) equals x placed at position p + d (times the factor)."""
-    angles = positions[..., None].to(torch.float32) * inv_freq.to(x.device)  # (..., R/2)
+    angles = positions[..., None].to(torch.float64) * inv_freq.to(x.device, torch.float64)  # (..., R/2); fp64: 128K
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     if interleave:
         pairs = x.unflatten(-1, (-1, 2))
