@@ -9,7 +9,9 @@ Prompts come from deepseek.tasks.passkey (Landmark template: random 5-digit key 
 filler; RULER-style multi-key with --keys N), tokenised as UTF-8 bytes (vocab 256), followed by
 "\\nThe pass key is " and the key. Training runs at a few hundred tokens, but with PoSE position skipping
 (Zhu et al. 2023): the position ids jump by a random gap at a random point, so the relative distances the
-model sees during training reach the evaluation length (128K) without 128K-token sequences.
+model sees during training reach the evaluation length (128K) without 128K-token sequences. With --view the
+model is trained instead for the compressed cache with compact positions (VIEW_SETTINGS): most rows are what
+the last query of a long prompt attends to through that cache (compact_view), so no distance exceeds 384.
 """
 
 from __future__ import annotations
