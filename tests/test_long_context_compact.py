@@ -108,3 +108,15 @@ def test_training_batch_with_views_fits_and_marks_the_answer():
         text = bytes(row[lab != -100].tolist()).decode()
         digits = bytes(row[ans].tolist()).decode()
         assert digits[:5].isdigit() and digits[5] == "." and digits[:5] in text[:-7]  # a written copy is in view
+
+
+def test_learned_training_path_refuses_compact_positions():
+    from deepseek.model.longctx.learned import compressed_attention
+    from tests.helpers import random_model
+
+    cfg = tiny_config(kv_learned=True, kv_compact_positions=True, **LONG)
+    attn = random_model(cfg).model.layers[0].self_attn
+    H, N, R, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    with pytest.raises(ValueError, match="kv_compact_positions=False"):
+        compressed_attention(attn, torch.zeros(1, 4, H, N), torch.zeros(1, 4, H, R), torch.zeros(1, 4, C),
+                             torch.zeros(1, 4, R), config=cfg)  # fmt: skip

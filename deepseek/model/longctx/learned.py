@@ -132,6 +132,9 @@ def compressed_attention(attn, q_nope_BTHN, q_pe_BTHR, kv_BTC, pe_BTR, mask_BTS=
     config = config or getattr(nsa, "config", None)
     if config is None:
         raise ValueError("compressed_attention needs config= when the attention has no nsa parameters")
+    if getattr(config, "kv_compact_positions", False):
+        raise ValueError("compressed_attention (kv_learned training) models exact positions; set "
+                         "kv_compact_positions=False to train, it can be switched on again for inference")  # fmt: skip
     B, T, H, N = q_nope_BTHN.shape
     C, b, scale = attn.kv_lora_rank, config.kv_block_size, attn.scale
     w = attn.kv_b_proj.weight.view(H, N + attn.v_dim, C)
