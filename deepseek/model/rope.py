@@ -86,6 +86,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """x (B, T, H, R) or (B, T, R); cos/sin (B, T, R/2). Returns x rotated, same layout and shape."""
     if x.dim() == 4:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return rotate_pairs(x, cos, sin, interleave)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = True) -> torch.Tensor:
+    """x (..., R) rotated pair by pair; cos/sin broadcastable to (..., R/2)."""
     if interleave:
         pairs = x.unflatten(-1, (-1, 2))  # (..., R/2, 2): (x_2i, x_2i+1)
         x1, x2 = pairs[..., 0], pairs[..., 1]
@@ -99,11 +104,4 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, int
     """x (..., R) rotated by `positions` (broadcastable to x.shape[:-1]; may be negative), no attention factor.
     Rotations compose, so rotate(apply_rope(x, p), d) equals x placed at position p + d (times the factor)."""
     angles = positions[..., None].to(torch.float64) * inv_freq.to(x.device, torch.float64)  # (..., R/2); fp64: 128K
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    if interleave:
-        pairs = x.unflatten(-1, (-1, 2))
-        x1, x2 = pairs[..., 0], pairs[..., 1]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotate_pairs(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype), interleave)
