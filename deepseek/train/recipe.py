@@ -32,6 +32,13 @@ from pathlib import Path
 from .config import preset
 
 STAGES = ("tokenizer", "pretrain", "sft", "sft2", "sft3", "sft4", "grpo")
+SFT_STAGES = ("sft", "sft2", "sft3", "sft4")  # in order; each starts from the latest one finished before it
+
+
+def latest_sft(outputs: dict, before: str | None = None) -> str:
+    """The last finished SFT stage (before `before`, if given)."""
+    stages = SFT_STAGES[: SFT_STAGES.index(before)] if before else SFT_STAGES
+    return next(s for s in reversed(stages) if s in outputs)
 IGNORE = -100
 
 
@@ -313,12 +320,11 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES) -> dict:
     if "sft2" in stages and cfg.sft2_steps:
         timed("sft2", run_sft2, cfg, out, Path(outputs["sft"]))
     if "sft3" in stages and cfg.sft3_steps:
-        timed("sft3", run_sft3, cfg, out, Path(outputs.get("sft2") or outputs["sft"]))
+        timed("sft3", run_sft3, cfg, out, Path(outputs[latest_sft(outputs, "sft3")]))
     if "sft4" in stages and cfg.sft4_steps:
-        timed("sft4", run_sft4, cfg, out, Path(outputs.get("sft3") or outputs.get("sft2") or outputs["sft"]))
+        timed("sft4", run_sft4, cfg, out, Path(outputs[latest_sft(outputs, "sft4")]))
     if "grpo" in stages:
-        last = next(outputs[s] for s in ("sft4", "sft3", "sft2", "sft") if s in outputs)
-        timed("grpo", run_grpo, cfg, out, Path(last))
+        timed("grpo", run_grpo, cfg, out, Path(outputs[latest_sft(outputs)]))
     record["total_seconds"] = sum(record["seconds"].values())
     times_path.write_text(json.dumps(record, indent=2))
     return record
@@ -345,7 +351,7 @@ def run_cli(args) -> int:
     if args.bundle:
         outputs = record["outputs"]
         note = {"recipe": args.name, "seconds": record["seconds"], "total_seconds": record.get("total_seconds")}
-        base = next(s for s in ("sft4", "sft3", "sft2", "sft") if s in outputs)
+        base = latest_sft(outputs)
         for stage, name in ((base, "r1-base"), ("grpo", "r1-tiny")):
             if stage in outputs:
                 print(f"[recipe] bundled {bundle(outputs[stage], name, note=dict(note, stage=stage))}", flush=True)
