@@ -149,6 +149,41 @@ def test_selection_finds_the_block_that_matches_the_query():
     assert (needle - cfg.kv_sink_blocks * cfg.kv_block_size) // cfg.kv_block_size in idx.flatten().tolist()
 
 
+def test_top_runs_reads_disjoint_runs_of_consecutive_blocks():
+    from deepseek.model.longctx.learned import top_runs
+
+    imp = torch.rand(2, 3, 40)
+    assert torch.equal(top_runs(imp, 5, 1).sort(-1).values, imp.topk(5).indices.sort(-1).values)  # span 1: top-k
+    imp = torch.zeros(1, 1, 12)
+    imp[0, 0, [3, 4, 9, 10]] = torch.tensor([5.0, 4.0, 3.0, 0.5])
+    assert top_runs(imp, 4, 2).sort(-1).values.tolist() == [[[3, 4, 9, 10]]]
+    imp[0, 0, [7, 8]] = torch.tensor([4.5, 0.2])  # runs (3, 4), (7, 8) beat (9, 10); top-4 would take 3, 4, 7, 9
+    assert top_runs(imp, 4, 2).sort(-1).values.tolist() == [[[3, 4, 7, 8]]]
+    for n in (4, 5, 7):  # few blocks: distinct indices, as many as fit, a whole run around the best block
+        imp = torch.rand(2, 1, n)
+        idx = top_runs(imp, 4, 2)
+        assert all(len(set(row.tolist())) == 4 for row in idx.view(-1, 4))
+    masked = torch.tensor([[[1.0, 2.0, 0.5, float("-inf"), float("-inf")]]])
+    assert top_runs(masked, 2, 2).sort(-1).values.tolist() == [[[0, 1]]]  # never a run into masked blocks
+
+
+def test_selection_with_runs_reads_the_needle_block_and_its_neighbour():
+    cfg = tiny_config(kv_quant_bits=0, kv_topk_blocks=2, kv_select_span=2, **LONG)
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    cache = CompressedLatentCache(cfg, 1, 400, layers=1)
+    torch.manual_seed(0)
+    kv, pe = torch.randn(1, 400, C) * 0.1, torch.randn(1, 400, R) * 0.1
+    direction = torch.randn(C)
+    kv[0, 123] = direction * 3  # sealed block 14; one run of two: 13-14 or 14-15
+    cache.append(kv, pe, 0)
+    cache.seal(0)
+    q = torch.cat((direction, torch.zeros(R)))[None, None, None, None].expand(1, 1, 1, cfg.num_attention_heads, -1)
+    idx = sorted(cache.select_blocks(q, 0, scale=1.0).flatten().tolist())
+    assert 14 in idx and idx[1] - idx[0] == 1
+    with pytest.raises(ValueError, match="kv_select_span=3 must be a positive integer dividing kv_topk_blocks=2"):
+        tiny_config(kv_topk_blocks=2, kv_select_span=3)
+
+
 # ---------------------------------------------------------------------- quantisation
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantise_error_bound_and_packing(bits):

@@ -99,11 +99,22 @@ def test_compact_view_keeps_sinks_the_needle_and_the_recent_tokens():
     assert torch.equal(compact_view(rng, short, cfg, []), short)  # nothing sealed beyond the top-k: no cut
 
 
+def test_compact_view_with_runs_keeps_the_needle_whole():
+    cfg = small_config(**{**VIEW_SETTINGS, "kv_topk_blocks": 4, "kv_select_span": 2})
+    rng = random.Random(3)
+    for _ in range(20):
+        prompt, key = passkey_sample(rng, rng.randint(1024, 8192))
+        (span,) = needle_spans(prompt)
+        text = bytes(compact_view(rng, prompt, cfg, [span]).tolist()).decode()
+        assert len(text) <= view_length(cfg)
+        assert bytes(prompt[span[0] : span[1]].tolist()).decode() in text  # a run covers the whole needle
+
+
 def test_training_batch_with_views_fits_and_marks_the_answer():
     cfg = small_config(**VIEW_SETTINGS)
-    ids, labels, pos, answer = training_batch(random.Random(1), 12, 392, 131072, keys=4, pose=0.0, view=cfg,
+    ids, labels, pos, answer = training_batch(random.Random(1), 12, 520, 131072, keys=4, pose=0.0, view=cfg,
                                               view_frac=0.75, min_length=300)  # fmt: skip
-    assert ids.shape == (12, 392) and bool((pos == torch.arange(392)).all())
+    assert ids.shape == (12, 520) and bool((pos == torch.arange(520)).all())
     for row, lab, ans in zip(ids, labels, answer):
         text = bytes(row[lab != -100].tolist()).decode()
         digits = bytes(row[ans].tolist()).decode()

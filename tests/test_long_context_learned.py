@@ -79,6 +79,13 @@ def test_training_path_equals_chunked_prefill_through_the_cache(randomise):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_training_path_with_runs_of_blocks_equals_the_cache():
+    model = learned_model(randomise=True, kv_topk_blocks=4, kv_select_span=2)
+    ids = torch.randint(3, model.config.vocab_size, (1, 500))
+    ref, _ = cache_logits(model, ids, model.config.kv_block_size)
+    torch.testing.assert_close(training_path_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_training_path_without_coarse_and_short_sequences():
     model = learned_model(randomise=True, kv_coarse=False, kv_sink_blocks=0)
     for T in (10, 100, 333):  # no block / a few / many, last tile partial

@@ -75,6 +75,7 @@ class R1Config(PretrainedConfig):
         kv_sink_blocks: int = 1,
         kv_window: int = 512,
         kv_topk_blocks: int = 16,
+        kv_select_span: int = 1,
         kv_quant_bits: int = 4,
         kv_quant_group: int = 64,
         kv_coarse: bool = True,
@@ -133,6 +134,7 @@ class R1Config(PretrainedConfig):
         self.kv_sink_blocks = kv_sink_blocks  # first blocks kept at full precision (attention sinks)
         self.kv_window = kv_window  # most recent tokens kept at full precision
         self.kv_topk_blocks = kv_topk_blocks  # older blocks read in full per query tile (Quest/NSA selection)
+        self.kv_select_span = kv_select_span  # ... chosen as runs of this many consecutive blocks (1 = single)
         self.kv_quant_bits = kv_quant_bits  # bits for older blocks' latent; 0 = keep full precision
         self.kv_quant_group = kv_quant_group  # channels sharing one scale/zero
         self.kv_coarse = kv_coarse  # unselected blocks still attended through their mean latent
@@ -239,6 +241,10 @@ class R1Config(PretrainedConfig):
             value = getattr(self, name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"R1Config.{name} must be a positive integer, got {value!r}")
+        span = getattr(self, "kv_select_span", 1)
+        if not isinstance(span, int) or isinstance(span, bool) or span <= 0 or self.kv_topk_blocks % span:
+            raise ValueError(f"R1Config.kv_select_span={span!r} must be a positive integer dividing "
+                             f"kv_topk_blocks={self.kv_topk_blocks}")
         for name in ("kv_sink_blocks", "kv_window"):
             value = getattr(self, name, 0)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

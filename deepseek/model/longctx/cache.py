@@ -44,7 +44,7 @@ import math
 import torch
 
 from ..rope import rope_frequencies, rotate
-from .learned import block_summary
+from .learned import block_summary, top_runs
 from .quant import Quantized, dequantize, quantize
 
 
@@ -94,6 +94,7 @@ class CompressedLatentCache:
         self.sink_len = self.sink_blocks * self.block
         self.window = config.kv_window
         self.topk = config.kv_topk_blocks
+        self.span = getattr(config, "kv_select_span", 1)
         self.bits = config.kv_quant_bits
         self.group = config.kv_quant_group
         self.coarse = config.kv_coarse
@@ -224,7 +225,7 @@ class CompressedLatentCache:
         return torch.cat(kv, 1), torch.cat(pe, 1)
 
     def select_blocks(self, q_BXtHK: torch.Tensor, layer_idx: int, scale: float, valid_Xt=None):
-        """Top-k sealed blocks per query tile. q (B, X, t, H, K) -> idx (B, X, k).
+        """Top-k sealed blocks per query tile (in runs of kv_select_span). q (B, X, t, H, K) -> idx (B, X, k).
 
         Importance per block = softmax over blocks of a Quest-style upper bound of q . key, q . mean + |q| .
         radius (catches a single sharp key when keys concentrate on few channels) + softmax of q . mean (NSA's
@@ -241,7 +242,7 @@ class CompressedLatentCache:
         importance = (bound * scale).softmax(-1, dtype=torch.float32)  # (B, X, t, H, n)
         importance = importance + (mean * scale).softmax(-1, dtype=torch.float32)
         importance = importance.sum((2, 3))  # (B, X, n)
-        return importance.topk(min(self.topk, n), dim=-1).indices
+        return top_runs(importance, self.topk, self.span)
 
     def attend(self, attn, q_nope_BTHN, q_pe_BTHR, kv_BTC, pe_BTR, mask_BTS=None) -> torch.Tensor:
         """MLAttention's compressed path: append the new latent, attend, seal. Returns (B, T, H, V)."""

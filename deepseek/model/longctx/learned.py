@@ -98,6 +98,30 @@ def available_blocks(T: int, config, device=None) -> torch.Tensor:
     return (j[None] >= config.kv_sink_blocks) & ((j[None] + 1) * b <= sealed_end_X[:, None])
 
 
+def top_runs(importance_BXn: torch.Tensor, k: int, span: int = 1) -> torch.Tensor:
+    """The k blocks to read in full per tile, as k // span disjoint runs of `span` consecutive blocks, greedily
+    by summed importance (span 1: plain top-k). -inf marks blocks that may not be chosen. Returns idx (B, X, k)
+    of distinct blocks. A run keeps a needle cut at a block boundary whole: both halves are read together.
+    If too few whole runs fit (short contexts), the rest are filled with the most important other blocks."""
+    n = importance_BXn.shape[-1]
+    k = min(k, n)
+    if span <= 1 or k == n:
+        return importance_BXn.topk(k, dim=-1).indices
+    window_BXw = importance_BXn.unfold(-1, span, 1).sum(-1)  # (B, X, n - span + 1): a run starting at w
+    starts = torch.arange(window_BXw.shape[-1], device=importance_BXn.device)
+    offsets = torch.arange(span, device=importance_BXn.device)
+    chosen_BXn = torch.zeros_like(importance_BXn, dtype=torch.bool)
+    for _ in range(k // span):
+        best, w_BX = window_BXw.max(-1)
+        ok_BX = best > float("-inf")
+        run_BXs = ok_BX[..., None].expand(*ok_BX.shape, span).contiguous()
+        chosen_BXn |= torch.zeros_like(chosen_BXn).scatter_(-1, w_BX[..., None] + offsets, run_BXs)
+        window_BXw.masked_fill_((starts - w_BX[..., None]).abs() < span, float("-inf"))  # runs stay disjoint
+    finite = importance_BXn.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    bonus = finite.abs().sum(-1, keepdim=True) + 1.0  # a chosen block outranks every other
+    return (importance_BXn + chosen_BXn * bonus).topk(k, dim=-1).indices
+
+
 @torch.no_grad()
 def select_blocks(q_BTHK, mean_BnK, radius_BnK, available_Xn, config, scale: float) -> torch.Tensor:
     """Top-k sealed blocks per tile, as CompressedLatentCache.select_blocks scores them with the tile's mean
@@ -115,8 +139,8 @@ def select_blocks(q_BTHK, mean_BnK, radius_BnK, available_Xn, config, scale: flo
     off = ~available_Xn[None, :, None, :]
     importance = (bound * scale).masked_fill(off, float("-inf")).softmax(-1, dtype=torch.float32)
     importance = importance + (mean * scale).masked_fill(off, float("-inf")).softmax(-1, dtype=torch.float32)
-    importance = importance.nan_to_num(0.0).sum(2).masked_fill(~available_Xn[None], -1.0)  # (B, X, n)
-    idx_BXk = importance.topk(min(config.kv_topk_blocks, n), dim=-1).indices
+    importance = importance.nan_to_num(0.0).sum(2).masked_fill(~available_Xn[None], float("-inf"))  # (B, X, n)
+    idx_BXk = top_runs(importance, config.kv_topk_blocks, getattr(config, "kv_select_span", 1))
     chosen_BXn = torch.zeros(B, X, n, dtype=torch.bool, device=q_BTHK.device).scatter_(2, idx_BXk, True)
     return chosen_BXn & available_Xn[None]
 

@@ -102,10 +102,11 @@ def needle_spans(prompt_T: torch.Tensor, tok=BYTES, keys: bool = False) -> list[
 
 
 # The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
-# 2 selected per query tile, a 64-token window, 64-token prefill chunks, rope positions compacted, no block
-# means: a query sees at most view_length = 384 tokens, all at distances it was trained on.
-VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=64, prefill_chunk=64, kv_topk_blocks=2,
-                     kv_coarse=False, kv_compact_positions=True)
+# 4 read per query tile as 2 runs of 2 consecutive blocks (a needle cut at a block boundary is read whole),
+# a 64-token window, 64-token prefill chunks, rope positions compacted, no block means: a query sees at most
+# view_length = 512 tokens, all at distances it was trained on.
+VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=64, prefill_chunk=64, kv_topk_blocks=4,
+                     kv_select_span=2, kv_coarse=False, kv_compact_positions=True)
 
 
 def view_length(config) -> int:
@@ -121,6 +122,8 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
     sealed blocks in order, then the recent buffer (window + part of a block + the last prefill chunk).
     Selection is simulated: blocks overlapping `must` spans, then `may` spans (each with probability 1/2),
     then random blocks; so a needle cut at a block boundary is seen whole or in part, as selection may pick it.
+    With kv_select_span s > 1 blocks come in runs of s, as the cache reads them: a span gets one run covering
+    it at a random offset, the rest are random disjoint runs.
     Training on these rows teaches retrieval across the cuts the cache makes."""
     b, T = config.kv_block_size, prompt_T.numel()
     sink = config.kv_sink_blocks * b
@@ -134,12 +137,34 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
         lo, hi = max(span[0], sink), min(span[1], r)
         return list(range((lo - sink) // b, (hi - 1 - sink) // b + 1)) if lo < hi else []
 
+    k, s = config.kv_topk_blocks, getattr(config, "kv_select_span", 1)
     chosen: list[int] = []
+
+    def take(run) -> None:  # a run of blocks joins the selection if it is disjoint from it and fits
+        if len(chosen) + len(run) <= k and not set(run) & set(chosen):
+            chosen.extend(run)
+
     for span in list(must) + [sp for sp in may if rng.random() < 0.5]:
-        chosen += [j for j in blocks(span) if j not in chosen]
-    chosen = chosen[: config.kv_topk_blocks]
+        hit = blocks(span)
+        if not hit:
+            continue
+        if s == 1:
+            for j in hit:
+                take([j])
+        else:  # one run covering the span (or, if longer than a run, part of it), at a random offset
+            whole = hit[-1] - hit[0] < s
+            lo = max(0, (hit[-1] if whole else hit[0]) - s + 1)
+            hi = min(n - s, hit[0] if whole else hit[-1])
+            w = rng.randint(lo, hi) if lo <= hi else 0
+            take(list(range(w, w + s)))
+    while len(chosen) + s <= k:  # random runs, disjoint, then single blocks if no whole run fits
+        free = [w for w in range(n - s + 1) if not set(range(w, w + s)) & set(chosen)]
+        if not free:
+            break
+        w = rng.choice(free)
+        take(list(range(w, w + s)))
     rest = [j for j in range(n) if j not in chosen]
-    chosen += rng.sample(rest, config.kv_topk_blocks - len(chosen))
+    chosen += rng.sample(rest, k - len(chosen))
     parts = [prompt_T[:sink]] + [prompt_T[sink + j * b : sink + (j + 1) * b] for j in sorted(chosen)]
     return torch.cat(parts + [prompt_T[r:]])
 
