@@ -121,6 +121,33 @@ def test_training_batch_with_views_fits_and_marks_the_answer():
         assert digits[:5].isdigit() and digits[5] == "." and digits[:5] in text[:-7]  # a written copy is in view
 
 
+def test_blind_recent_mask_hides_the_selected_blocks_from_earlier_recent_tokens_only():
+    cfg = small_config(**VIEW_SETTINGS)
+    T, sink, sel_end = 520, 64, 64 + 4 * 64
+    ids, labels, pos, answer, mask = training_batch(random.Random(4), 6, T, 131072, pose=0.0, view=cfg, view_frac=1.0,
+                                                    with_mask=True)  # fmt: skip
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for row, m, ans in zip(ids, mask, answer):
+        hidden = causal & ~m
+        assert bool((m <= causal).all())  # never more than causal
+        q, k = hidden.nonzero(as_tuple=True)
+        assert q.numel() > 0 and bool((k >= sink).all() and (k < sel_end).all() and (q >= sel_end).all())
+        first_digit = int(ans.nonzero()[0])
+        assert bool(m[first_digit - 1 :, sink:sel_end].all())  # the last prompt token and the answer see them
+
+
+def test_masked_logits_with_a_causal_mask_equal_the_model():
+    from deepseek.model.longctx.passkey import masked_logits
+    from tests.helpers import random_model
+
+    model = random_model(tiny_config(**LONG)).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 40))
+    pos = torch.arange(40)[None].expand(2, -1)
+    with torch.no_grad():
+        ref = model(ids, position_ids=pos).logits
+        torch.testing.assert_close(masked_logits(model, ids, pos, torch.ones(2, 40, 40, dtype=torch.bool).tril()), ref)
+
+
 def test_learned_training_path_refuses_compact_positions():
     from deepseek.model.longctx.learned import compressed_attention
     from tests.helpers import random_model

@@ -116,7 +116,7 @@ def view_length(config) -> int:
 
 
 def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[tuple[int, int]],
-                 may: list[tuple[int, int]] = ()) -> torch.Tensor:  # fmt: skip
+                 may: list[tuple[int, int]] = (), layout: bool = False):  # fmt: skip
     """The tokens the last query of `prompt_T` attends to through CompressedLatentCache with
     kv_compact_positions and no block means, in the order (= rope positions) it sees them: the sinks, top-k
     sealed blocks in order, then the recent buffer (window + part of a block + the last prefill chunk).
@@ -124,13 +124,15 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
     then random blocks; so a needle cut at a block boundary is seen whole or in part, as selection may pick it.
     With kv_select_span s > 1 blocks come in runs of s, as the cache reads them: a span gets one run covering
     it at a random offset, the rest are random disjoint runs.
+    layout=True returns (view, selected_end, last_chunk_start): the selected blocks are view[sinks:selected_end],
+    the last prefill chunk (whose tile selected them) starts at last_chunk_start; (prompt, 0, 0) if nothing is cut.
     Training on these rows teaches retrieval across the cuts the cache makes."""
     b, T = config.kv_block_size, prompt_T.numel()
     sink = config.kv_sink_blocks * b
     last_chunk = rng.randint(1, config.prefill_chunk)  # the recent buffer: [window, window + b) + last chunk
     n = max(0, (T - last_chunk - config.kv_window - sink) // b)  # sealed blocks
     if n <= config.kv_topk_blocks:
-        return prompt_T
+        return (prompt_T, 0, 0) if layout else prompt_T
     r = sink + n * b
 
     def blocks(span):
@@ -166,18 +168,24 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
     rest = [j for j in range(n) if j not in chosen]
     chosen += rng.sample(rest, k - len(chosen))
     parts = [prompt_T[:sink]] + [prompt_T[sink + j * b : sink + (j + 1) * b] for j in sorted(chosen)]
-    return torch.cat(parts + [prompt_T[r:]])
+    view = torch.cat(parts + [prompt_T[r:]])
+    return (view, sink + k * b, view.numel() - last_chunk) if layout else view
 
 
 def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
                    pose: float = 0.8, min_length: int | None = None, tok=BYTES, max_gap: int | None = None,
-                   view=None, view_frac: float = 0.75, view_source: tuple[int, int] = (1024, 8192)):  # fmt: skip
+                   view=None, view_frac: float = 0.75, view_source: tuple[int, int] = (1024, 8192),
+                   with_mask: bool = False):  # fmt: skip
     """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
     rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
     they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for.
     view (an R1Config): a `view_frac` fraction of rows are compact views (compact_view) of prompts of
-    view_source tokens, as the compressed cache with kv_compact_positions shows them; no PoSE on those."""
-    ids, labels, pos, answer = [], [], [], []
+    view_source tokens, as the compressed cache with kv_compact_positions shows them; no PoSE on those.
+    with_mask: also return mask (B, T, T) bool (True = attend), causal except that in view rows the recent
+    tokens before the last prefill chunk do not see the selected blocks: in the cache those tokens were
+    prefilled by tiles whose own selection (their mean query) was filler, so the model must not learn to
+    route the key through them."""
+    ids, labels, pos, answer, masks = [], [], [], [], []
     for _ in range(batch):
         n_keys = rng.randint(1, keys)
         shortest = length // 2 if min_length is None else min(min_length, length - 8)
@@ -189,7 +197,9 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
         if cut:  # one written copy of the asked key for sure, the rest of the needles (any key) maybe
             spans = needle_spans(prompt, tok)
             copies = [sp for sp in needle_spans(prompt, tok, keys=True) if tok.decode(prompt[sp[0] : sp[1]].tolist()) == key]
-            prompt = compact_view(rng, prompt, view, [rng.choice(copies)], spans)
+            prompt, sel_end, tail = compact_view(rng, prompt, view, [rng.choice(copies)], spans, layout=True)
+        else:
+            sel_end = tail = 0
         row = torch.cat((prompt, torch.tensor(tok.encode(key + "."))))
         if row.numel() > length:
             raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
@@ -208,7 +218,23 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
         labels.append(lab)
         pos.append(p)
         answer.append(ans)
-    return torch.stack(ids), torch.stack(labels), torch.stack(pos), torch.stack(answer)
+        if with_mask:
+            m = torch.ones(length, length, dtype=torch.bool).tril()
+            sink = view.kv_sink_blocks * view.kv_block_size if view is not None else 0
+            m[sel_end:tail, sink:sel_end] = False  # empty unless a view row
+            masks.append(m)
+    out = (torch.stack(ids), torch.stack(labels), torch.stack(pos), torch.stack(answer))
+    return out + (torch.stack(masks),) if with_mask else out
+
+
+def masked_logits(model, ids_BT, position_ids_BT, mask_BTT) -> torch.Tensor:
+    """model(ids).logits with an explicit (B, T, T) boolean attention mask (True = attend): (B, T, V)."""
+    bb = model.model
+    x_BTD = bb.embed_tokens(ids_BT)
+    cos, sin = bb.rotary_emb(position_ids_BT, x_BTD.dtype)
+    for layer in bb.layers:
+        x_BTD = layer(x_BTD, cos, sin, mask_BTT, None)
+    return model.lm_head(bb.norm(x_BTD))
 
 
 def small_config(**kw):
@@ -231,7 +257,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
           pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2,
           init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes",
           gap_start: int | None = None, view: bool = False, view_frac: float = 0.75,
-          view_source: tuple[int, int] = (1024, 8192)) -> list[float]:  # fmt: skip
+          view_source: tuple[int, int] = (1024, 8192), blind_recent: bool = False) -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
@@ -241,7 +267,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     length // 2), so one run can mix row lengths. view: train for the compressed cache with compact
     positions (VIEW_SETTINGS written into the model's config): a view_frac fraction of rows are what its
     last query attends to in prompts of view_source tokens (compact_view); in-training accuracy is then
-    measured through the compressed cache at 4x `length`."""
+    measured through the compressed cache at 4x `length`. blind_recent (with view): the recent tokens before
+    the last prefill chunk do not see the selected blocks (training_batch with_mask), as in the cache."""
     from deepseek import R1ForCausalLM
 
     if threads:
@@ -269,11 +296,14 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         if gap_start:
             frac = max(0.0, (step - pose_after * steps) / max(1.0, (1 - pose_after) * steps))
             max_gap = int(gap_start * (max_position / gap_start) ** min(1.0, frac))
-        ids, labels, pos, answer = training_batch(rng, batch, length, max_position, keys, pose=p,
-                                                  min_length=min_length, tok=tok, max_gap=max_gap,
-                                                  view=model.config if view else None, view_frac=view_frac,
-                                                  view_source=view_source)  # fmt: skip
-        logits = model(ids, position_ids=pos).logits[:, :-1].float()  # (B, T-1, V)
+        ids, labels, pos, answer, *mask = training_batch(rng, batch, length, max_position, keys, pose=p,
+                                                         min_length=min_length, tok=tok, max_gap=max_gap,
+                                                         view=model.config if view else None, view_frac=view_frac,
+                                                         view_source=view_source, with_mask=view and blind_recent)  # fmt: skip
+        if mask:
+            logits = masked_logits(model, ids, pos, mask[0])[:, :-1].float()  # (B, T-1, V)
+        else:
+            logits = model(ids, position_ids=pos).logits[:, :-1].float()
         target, ans = labels[:, 1:], answer[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
         lm = nll[target != -100].mean()
@@ -302,7 +332,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if isinstance(tok, HFTokenizer):
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
-           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "losses": losses, "answer_losses": answer_losses,
+           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "init": init, "losses": losses, "answer_losses": answer_losses,
            "evals": evals}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
@@ -414,6 +444,8 @@ def main():
     t.add_argument("--view", action="store_true", help="train for the compressed cache's compact views")
     t.add_argument("--view-frac", type=float, default=0.75, help="with --view: fraction of rows that are views")
     t.add_argument("--view-source", default="1024,8192", help="with --view: prompt lengths the views come from")
+    t.add_argument("--blind-recent", action="store_true",
+                   help="with --view: recent tokens before the last prefill chunk do not see the selected blocks")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")
@@ -428,7 +460,7 @@ def main():
                        answer_weight=args.answer_weight, pose=args.pose, pose_after=args.pose_after,
                        eval_every=args.eval_every, layers=args.layers, init=args.init,
                        min_length=args.min_length, tokenizer=args.tokenizer, gap_start=args.gap_start,
-                       view=args.view, view_frac=args.view_frac,
+                       view=args.view, view_frac=args.view_frac, blind_recent=args.blind_recent,
                        view_source=tuple(int(x) for x in args.view_source.split(",")))  # fmt: skip
         print(json.dumps({"final_loss": round(sum(losses[-20:]) / 20, 4), "seconds": round(time.time() - t0)}))
         return
