@@ -127,7 +127,7 @@ def test_blind_recent_mask_hides_the_selected_blocks_from_earlier_recent_tokens_
     ids, labels, pos, answer, mask = training_batch(random.Random(4), 6, T, 131072, pose=0.0, view=cfg, view_frac=1.0,
                                                     with_mask=True)  # fmt: skip
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    for row, m, ans in zip(ids, mask, answer):
+    for m, ans in zip(mask, answer):
         hidden = causal & ~m
         assert bool((m <= causal).all())  # never more than causal
         q, k = hidden.nonzero(as_tuple=True)
