@@ -136,6 +136,19 @@ def test_blind_recent_mask_hides_the_selected_blocks_from_earlier_recent_tokens_
         assert bool(m[first_digit - 1 :, sink:sel_end].all())  # the last prompt token and the answer see them
 
 
+def test_blind_first_layer_hides_the_selected_blocks_from_every_recent_token():
+    cfg = small_config(**VIEW_SETTINGS)
+    T, sink, sel_end = 520, 64, 64 + 4 * 64
+    *_, answer, mask = training_batch(random.Random(5), 3, T, 131072, pose=0.0, view=cfg, view_frac=1.0,
+                                      with_mask=True, blind_first_layer=True)  # fmt: skip
+    assert mask.shape == (3, 2, T, T)
+    for m, ans in zip(mask, answer):
+        first_digit = int(ans.nonzero()[0])
+        assert not bool(m[0, sel_end:, sink:sel_end].any())  # first layer: nothing after them sees them
+        assert bool(m[1, first_digit - 1 :, sink:sel_end].all())  # later layers: the answer does
+        assert torch.equal(m[0, :sel_end], m[1, :sel_end])  # the blocks themselves attend alike in both
+
+
 def test_masked_logits_with_a_causal_mask_equal_the_model():
     from deepseek.model.longctx.passkey import masked_logits
     from tests.helpers import random_model

@@ -175,7 +175,7 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
 def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
                    pose: float = 0.8, min_length: int | None = None, tok=BYTES, max_gap: int | None = None,
                    view=None, view_frac: float = 0.75, view_source: tuple[int, int] = (1024, 8192),
-                   with_mask: bool = False):  # fmt: skip
+                   with_mask: bool = False, blind_first_layer: bool = False):  # fmt: skip
     """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
     rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
     they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for.
@@ -184,7 +184,9 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
     with_mask: also return mask (B, T, T) bool (True = attend), causal except that in view rows the recent
     tokens before the last prefill chunk do not see the selected blocks: in the cache those tokens were
     prefilled by tiles whose own selection (their mean query) was filler, so the model must not learn to
-    route the key through them."""
+    route the key through them. blind_first_layer: mask (B, 2, T, T), [:, 0] for the first layer, where no
+    recent token (the answer included) sees the selected blocks: the first layer's own selection (its query is
+    not a retrieval query) is filler as often as not, so retrieval is left to the later layers."""
     ids, labels, pos, answer, masks = [], [], [], [], []
     for _ in range(batch):
         n_keys = rng.randint(1, keys)
@@ -222,17 +224,23 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
             m = torch.ones(length, length, dtype=torch.bool).tril()
             sink = view.kv_sink_blocks * view.kv_block_size if view is not None else 0
             m[sel_end:tail, sink:sel_end] = False  # empty unless a view row
+            if blind_first_layer:
+                m0 = m.clone()
+                m0[sel_end:, sink:sel_end] = False
+                m = torch.stack((m0, m))
             masks.append(m)
     out = (torch.stack(ids), torch.stack(labels), torch.stack(pos), torch.stack(answer))
     return out + (torch.stack(masks),) if with_mask else out
 
 
-def masked_logits(model, ids_BT, position_ids_BT, mask_BTT) -> torch.Tensor:
-    """model(ids).logits with an explicit (B, T, T) boolean attention mask (True = attend): (B, T, V)."""
+def masked_logits(model, ids_BT, position_ids_BT, mask) -> torch.Tensor:
+    """model(ids).logits with an explicit boolean attention mask (True = attend): (B, T, V). mask is (B, T, T)
+    for every layer, or (B, 2, T, T): [:, 0] for the first layer, [:, 1] for the others."""
     bb = model.model
     x_BTD = bb.embed_tokens(ids_BT)
     cos, sin = bb.rotary_emb(position_ids_BT, x_BTD.dtype)
-    for layer in bb.layers:
+    for i, layer in enumerate(bb.layers):
+        mask_BTT = mask if mask.dim() == 3 else mask[:, min(i, 1)]
         x_BTD = layer(x_BTD, cos, sin, mask_BTT, None)
     return model.lm_head(bb.norm(x_BTD))
 
@@ -257,7 +265,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
           pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2,
           init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes",
           gap_start: int | None = None, view: bool = False, view_frac: float = 0.75,
-          view_source: tuple[int, int] = (1024, 8192), blind_recent: bool = False) -> list[float]:  # fmt: skip
+          view_source: tuple[int, int] = (1024, 8192), blind_recent: bool = False,
+          blind_first_layer: bool = False) -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
@@ -299,7 +308,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         ids, labels, pos, answer, *mask = training_batch(rng, batch, length, max_position, keys, pose=p,
                                                          min_length=min_length, tok=tok, max_gap=max_gap,
                                                          view=model.config if view else None, view_frac=view_frac,
-                                                         view_source=view_source, with_mask=view and blind_recent)  # fmt: skip
+                                                         view_source=view_source, with_mask=view and blind_recent,
+                                                         blind_first_layer=blind_first_layer)  # fmt: skip
         if mask:
             logits = masked_logits(model, ids, pos, mask[0])[:, :-1].float()  # (B, T-1, V)
         else:
@@ -332,7 +342,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if isinstance(tok, HFTokenizer):
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
-           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "init": init, "losses": losses, "answer_losses": answer_losses,
+           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "losses": losses, "answer_losses": answer_losses,
            "evals": evals}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
@@ -446,6 +456,8 @@ def main():
     t.add_argument("--view-source", default="1024,8192", help="with --view: prompt lengths the views come from")
     t.add_argument("--blind-recent", action="store_true",
                    help="with --view: recent tokens before the last prefill chunk do not see the selected blocks")
+    t.add_argument("--blind-first-layer", action="store_true",
+                   help="with --blind-recent: in the first layer no recent token sees the selected blocks")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")
@@ -461,6 +473,7 @@ def main():
                        eval_every=args.eval_every, layers=args.layers, init=args.init,
                        min_length=args.min_length, tokenizer=args.tokenizer, gap_start=args.gap_start,
                        view=args.view, view_frac=args.view_frac, blind_recent=args.blind_recent,
+                       blind_first_layer=args.blind_first_layer,
                        view_source=tuple(int(x) for x in args.view_source.split(",")))  # fmt: skip
         print(json.dumps({"final_loss": round(sum(losses[-20:]) / 20, 4), "seconds": round(time.time() - t0)}))
         return
