@@ -102,10 +102,10 @@ def needle_spans(prompt_T: torch.Tensor, tok=BYTES, keys: bool = False) -> list[
 
 
 # The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
-# 4 read per query tile as 2 runs of 2 consecutive blocks (a needle cut at a block boundary is read whole),
+# 2 read per query tile as one run of 2 consecutive blocks (a needle cut at a block boundary is read whole),
 # a 64-token window, 64-token prefill chunks, rope positions compacted, no block means: a query sees at most
-# view_length = 512 tokens, all at distances it was trained on.
-VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=64, prefill_chunk=64, kv_topk_blocks=4,
+# view_length = 384 tokens, all at distances it was trained on.
+VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=64, prefill_chunk=64, kv_topk_blocks=2,
                      kv_select_span=2, kv_coarse=False, kv_compact_positions=True)
 
 
