@@ -258,7 +258,8 @@ def test_extend_context_sets_yarn():
 def test_passkey_prompts_and_pose_batches():
     import random
 
-    from deepseek.model.longctx.passkey import ANSWER_PREFIX, passkey_sample, training_batch
+    from deepseek.model.longctx.passkey import ANSWER_PREFIX, passkey_sample
+    from deepseek.model.longctx.passkey_train import training_batch
 
     rng = random.Random(0)
     for n in (400, 5000):
@@ -285,7 +286,8 @@ def test_passkey_prompts_and_pose_batches():
 def test_passkey_with_the_bundled_bpe_tokenizer():
     import random
 
-    from deepseek.model.longctx.passkey import ANSWER_PREFIX, load_tokenizer, passkey_sample, training_batch
+    from deepseek.model.longctx.passkey import ANSWER_PREFIX, load_tokenizer, passkey_sample
+    from deepseek.model.longctx.passkey_train import training_batch
 
     tok = load_tokenizer("deepseek/r1-tiny")
     ids, key = passkey_sample(random.Random(1), 3000, tok=tok)

@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from deepseek.model.longctx import CompressedLatentCache
-from deepseek.model.longctx.passkey import (
-    VIEW_SETTINGS,
-    compact_view,
-    needle_spans,
-    passkey_sample,
-    small_config,
-    training_batch,
-    view_length,
-)
+from deepseek.model.longctx.passkey import needle_spans, passkey_sample, small_config
+from deepseek.model.longctx.passkey_train import VIEW_SETTINGS, compact_view, training_batch, view_length
 from deepseek.model.rope import rope_frequencies, rotate
 from tests.helpers import one_thread, tiny_config  # noqa: F401 (fixture)
 
@@ -150,7 +143,7 @@ def test_blind_first_layer_hides_the_selected_blocks_from_every_recent_token():
 
 
 def test_masked_logits_with_a_causal_mask_equal_the_model():
-    from deepseek.model.longctx.passkey import masked_logits
+    from deepseek.model.longctx.passkey_train import masked_logits
     from tests.helpers import random_model
 
     model = random_model(tiny_config(**LONG)).eval()

@@ -1,0 +1,283 @@
+"""Training the small passkey model: PoSE rows, and compact views of the compressed cache (VIEW_SETTINGS).
+
+Legend: B batch, T tokens.
+
+    python -m deepseek.model.longctx.passkey train --out runs/passkey --steps 600   # ~10 min on 2 cores
+    python -m deepseek.model.longctx.passkey train --out runs/passkey_view --view --length 392 --pose 0 ...
+
+Rows are passkey prompts (deepseek.model.longctx.passkey) followed by the key. PoSE (Zhu et al. 2023): the
+position ids jump by a random gap at a random point, so training distances reach 128K. With view=True most
+rows are instead what the last query of a long prompt attends to through CompressedLatentCache with compact
+positions (compact_view), so no distance exceeds view_length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .passkey import (
+    BYTES,
+    HFTokenizer,
+    load_tokenizer,
+    needle_spans,
+    passkey_accuracy,
+    passkey_sample,
+    small_config,
+)
+
+# The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
+# 2 read per query tile as one run of 2 consecutive blocks (a needle cut at a block boundary is read whole),
+# a 64-token window, 64-token prefill chunks, rope positions compacted, no block means: a query sees at most
+# view_length = 384 tokens, all at distances it was trained on.
+VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=64, prefill_chunk=64, kv_topk_blocks=2,
+                     kv_select_span=2, kv_coarse=False, kv_compact_positions=True)
+
+
+def view_length(config) -> int:
+    """Longest compact view (compact_view) a query sees: sinks + top-k blocks + the largest recent buffer."""
+    b = config.kv_block_size
+    return config.kv_sink_blocks * b + config.kv_topk_blocks * b + config.kv_window + b + config.prefill_chunk
+
+
+def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[tuple[int, int]],
+                 may: list[tuple[int, int]] = (), layout: bool = False):  # fmt: skip
+    """The tokens the last query of `prompt_T` attends to through CompressedLatentCache with
+    kv_compact_positions and no block means, in the order (= rope positions) it sees them: the sinks, top-k
+    sealed blocks in order, then the recent buffer (window + part of a block + the last prefill chunk).
+    Selection is simulated: blocks overlapping `must` spans, then `may` spans (each with probability 1/2),
+    then random blocks; so a needle cut at a block boundary is seen whole or in part, as selection may pick it.
+    With kv_select_span s > 1 blocks come in runs of s, as the cache reads them: a span gets one run covering
+    it at a random offset, the rest are random disjoint runs.
+    layout=True returns (view, selected_end, last_chunk_start): the selected blocks are view[sinks:selected_end],
+    the last prefill chunk (whose tile selected them) starts at last_chunk_start; (prompt, 0, 0) if nothing is cut.
+    Training on these rows teaches retrieval across the cuts the cache makes."""
+    b, T = config.kv_block_size, prompt_T.numel()
+    sink = config.kv_sink_blocks * b
+    last_chunk = rng.randint(1, config.prefill_chunk)  # the recent buffer: [window, window + b) + last chunk
+    n = max(0, (T - last_chunk - config.kv_window - sink) // b)  # sealed blocks
+    if n <= config.kv_topk_blocks:
+        return (prompt_T, 0, 0) if layout else prompt_T
+    r = sink + n * b
+
+    def blocks(span):
+        lo, hi = max(span[0], sink), min(span[1], r)
+        return list(range((lo - sink) // b, (hi - 1 - sink) // b + 1)) if lo < hi else []
+
+    k, s = config.kv_topk_blocks, getattr(config, "kv_select_span", 1)
+    chosen: list[int] = []
+
+    def take(run) -> None:  # a run of blocks joins the selection if it is disjoint from it and fits
+        if len(chosen) + len(run) <= k and not set(run) & set(chosen):
+            chosen.extend(run)
+
+    for span in list(must) + [sp for sp in may if rng.random() < 0.5]:
+        hit = blocks(span)
+        if not hit:
+            continue
+        if s == 1:
+            for j in hit:
+                take([j])
+        else:  # one run covering the span (or, if longer than a run, part of it), at a random offset
+            whole = hit[-1] - hit[0] < s
+            lo = max(0, (hit[-1] if whole else hit[0]) - s + 1)
+            hi = min(n - s, hit[0] if whole else hit[-1])
+            w = rng.randint(lo, hi) if lo <= hi else 0
+            take(list(range(w, w + s)))
+    while len(chosen) + s <= k:  # random runs, disjoint, then single blocks if no whole run fits
+        free = [w for w in range(n - s + 1) if not set(range(w, w + s)) & set(chosen)]
+        if not free:
+            break
+        w = rng.choice(free)
+        take(list(range(w, w + s)))
+    rest = [j for j in range(n) if j not in chosen]
+    chosen += rng.sample(rest, k - len(chosen))
+    parts = [prompt_T[:sink]] + [prompt_T[sink + j * b : sink + (j + 1) * b] for j in sorted(chosen)]
+    view = torch.cat(parts + [prompt_T[r:]])
+    return (view, sink + k * b, view.numel() - last_chunk) if layout else view
+
+
+def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
+                   pose: float = 0.8, min_length: int | None = None, tok=BYTES, max_gap: int | None = None,
+                   view=None, view_frac: float = 0.75, view_source: tuple[int, int] = (1024, 8192),
+                   with_mask: bool = False, blind_first_layer: bool = False):  # fmt: skip
+    """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
+    rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
+    they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for.
+    view (an R1Config): a `view_frac` fraction of rows are compact views (compact_view) of prompts of
+    view_source tokens, as the compressed cache with kv_compact_positions shows them; no PoSE on those.
+    with_mask: also return mask (B, T, T) bool (True = attend), causal except that in view rows the recent
+    tokens before the last prefill chunk do not see the selected blocks: in the cache those tokens were
+    prefilled by tiles whose own selection (their mean query) was filler, so the model must not learn to
+    route the key through them. blind_first_layer: mask (B, 2, T, T), [:, 0] for the first layer, where no
+    recent token (the answer included) sees the selected blocks: the first layer's own selection (its query is
+    not a retrieval query) is filler as often as not, so retrieval is left to the later layers."""
+    ids, labels, pos, answer, masks = [], [], [], [], []
+    for _ in range(batch):
+        n_keys = rng.randint(1, keys)
+        shortest = length // 2 if min_length is None else min(min_length, length - 8)
+        cut = view is not None and rng.random() < view_frac
+        prompt, key = passkey_sample(rng, rng.randint(*view_source) if cut else rng.randint(shortest, length - 8),
+                                     n_keys, tok)  # fmt: skip
+        if view is not None and prompt.numel() > length - 8:  # many keys need more room: cut it as well
+            cut = True
+        if cut:  # one written copy of the asked key for sure, the rest of the needles (any key) maybe
+            spans = needle_spans(prompt, tok)
+            copies = [sp for sp in needle_spans(prompt, tok, keys=True) if tok.decode(prompt[sp[0] : sp[1]].tolist()) == key]
+            prompt, sel_end, tail = compact_view(rng, prompt, view, [rng.choice(copies)], spans, layout=True)
+        else:
+            sel_end = tail = 0
+        row = torch.cat((prompt, torch.tensor(tok.encode(key + "."))))
+        if row.numel() > length:
+            raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
+        n = row.numel()
+        row = torch.nn.functional.pad(row, (0, length - n), value=0)
+        lab = row.clone()
+        lab[n:] = -100  # no loss on padding
+        ans = torch.zeros(length, dtype=torch.bool)
+        ans[prompt.numel() : n] = True  # the key and its full stop
+        split = rng.randint(1, length - 1)
+        top = max_position - length if max_gap is None else min(max_gap, max_position - length)
+        gap = rng.randint(0, max(0, top)) if rng.random() < pose and not cut else 0
+        p = torch.arange(length)
+        p[split:] += gap
+        ids.append(row)
+        labels.append(lab)
+        pos.append(p)
+        answer.append(ans)
+        if with_mask:
+            m = torch.ones(length, length, dtype=torch.bool).tril()
+            sink = view.kv_sink_blocks * view.kv_block_size if view is not None else 0
+            m[sel_end:tail, sink:sel_end] = False  # empty unless a view row
+            if blind_first_layer:
+                m0 = m.clone()
+                m0[sel_end:, sink:sel_end] = False
+                m = torch.stack((m0, m))
+            masks.append(m)
+    out = (torch.stack(ids), torch.stack(labels), torch.stack(pos), torch.stack(answer))
+    return out + (torch.stack(masks),) if with_mask else out
+
+
+def masked_logits(model, ids_BT, position_ids_BT, mask) -> torch.Tensor:
+    """model(ids).logits with an explicit boolean attention mask (True = attend): (B, T, V). mask is (B, T, T)
+    for every layer, or (B, 2, T, T): [:, 0] for the first layer, [:, 1] for the others."""
+    bb = model.model
+    x_BTD = bb.embed_tokens(ids_BT)
+    cos, sin = bb.rotary_emb(position_ids_BT, x_BTD.dtype)
+    for i, layer in enumerate(bb.layers):
+        mask_BTT = mask if mask.dim() == 3 else mask[:, min(i, 1)]
+        x_BTD = layer(x_BTD, cos, sin, mask_BTT, None)
+    return model.lm_head(bb.norm(x_BTD))
+
+
+def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: float = 3e-3, seed: int = 0,
+          max_position: int = 131072, keys: int = 1, threads: int | None = None, answer_weight: float = 1.0,
+          pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2,
+          init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes",
+          gap_start: int | None = None, view: bool = False, view_frac: float = 0.75,
+          view_source: tuple[int, int] = (1024, 8192), blind_recent: bool = False,
+          blind_first_layer: bool = False) -> list[float]:  # fmt: skip
+    """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
+
+    loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
+    (PoSE) starts after a `pose_after` fraction of the steps, so retrieval is first learnt at plain positions.
+    Every `eval_every` steps: greedy accuracy on 16 fresh prompts of `length` bytes (logged, shown on the bar).
+    init: continue from a saved model (e.g. a longer-row second stage); min_length: shortest row (default
+    length // 2), so one run can mix row lengths. view: train for the compressed cache with compact
+    positions (VIEW_SETTINGS written into the model's config): a view_frac fraction of rows are what its
+    last query attends to in prompts of view_source tokens (compact_view); in-training accuracy is then
+    measured through the compressed cache at 4x `length`. blind_recent (with view): the recent tokens before
+    the last prefill chunk do not see the selected blocks (training_batch with_mask), as in the cache."""
+    from deepseek import R1ForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = load_tokenizer(tokenizer)
+    config = small_config(max_position_embeddings=max_position + 512, num_hidden_layers=layers,
+                          first_k_dense_replace=layers, vocab_size=tok.vocab_size)  # fmt: skip
+    model = (R1ForCausalLM.from_pretrained(init) if init else R1ForCausalLM(config)).train()
+    if view:
+        for k, v in VIEW_SETTINGS.items():
+            setattr(model.config, k, v)
+        if length < view_length(model.config) + 8:
+            raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    losses, answer_losses, evals = [], [], []
+    bar = tqdm(range(steps), desc="passkey train", unit="step")
+    for step in bar:
+        warm = min(1.0, (step + 1) / 30)
+        for g in opt.param_groups:
+            g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+        p = pose if step >= pose_after * steps else 0.0
+        max_gap = None
+        if gap_start:
+            frac = max(0.0, (step - pose_after * steps) / max(1.0, (1 - pose_after) * steps))
+            max_gap = int(gap_start * (max_position / gap_start) ** min(1.0, frac))
+        ids, labels, pos, answer, *mask = training_batch(rng, batch, length, max_position, keys, pose=p,
+                                                         min_length=min_length, tok=tok, max_gap=max_gap,
+                                                         view=model.config if view else None, view_frac=view_frac,
+                                                         view_source=view_source, with_mask=view and blind_recent,
+                                                         blind_first_layer=blind_first_layer)  # fmt: skip
+        if mask:
+            logits = masked_logits(model, ids, pos, mask[0])[:, :-1].float()  # (B, T-1, V)
+        else:
+            logits = model(ids, position_ids=pos).logits[:, :-1].float()
+        target, ans = labels[:, 1:], answer[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+        lm = nll[target != -100].mean()
+        retr = nll[ans].mean()
+        loss = lm + answer_weight * retr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(lm.item())
+        answer_losses.append(retr.item())
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            model.eval()
+            acc = passkey_accuracy(model, 4 * length if view else length, 16, compressed=view, seed=10_000 + step,
+                                   tok=tok)  # fmt: skip
+            model.train()
+            evals.append((step + 1, acc))
+        post = dict(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
+                    key=f"{sum(answer_losses[-20:]) / len(answer_losses[-20:]):.3f}")  # fmt: skip
+        if evals:
+            post["acc"] = f"{evals[-1][1]:.2f}"
+        bar.set_postfix(post)
+    model.eval()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if isinstance(tok, HFTokenizer):
+        tok.tok.save_pretrained(out)
+    log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
+           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "losses": losses, "answer_losses": answer_losses,
+           "evals": evals}  # fmt: skip
+    (Path(out) / "train_log.json").write_text(json.dumps(log))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(losses, label="all bytes")
+    ax[0].plot(answer_losses, label="key bytes of the answer", alpha=0.7)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("loss (nats/byte)")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    if evals:
+        ax[1].plot(*zip(*evals), marker="o")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel(f"passkey accuracy at {length} bytes")
+    ax[1].set_ylim(-0.02, 1.02)
+    fig.suptitle("passkey training")
+    fig.tight_layout()
+    fig.savefig(Path(out) / "loss.png", dpi=110)
+    return losses
