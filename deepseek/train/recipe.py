@@ -39,6 +39,8 @@ def latest_sft(outputs: dict, before: str | None = None) -> str:
     """The last finished SFT stage (before `before`, if given)."""
     stages = SFT_STAGES[: SFT_STAGES.index(before)] if before else SFT_STAGES
     return next(s for s in reversed(stages) if s in outputs)
+
+
 IGNORE = -100
 
 

@@ -30,6 +30,7 @@ from .passkey import (
     passkey_sample,
     small_config,
 )
+from .prefill import backbone
 
 # The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
 # 2 read per query tile as one run of 2 consecutive blocks (a needle cut at a block boundary is read whole),
@@ -166,13 +167,7 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
 def masked_logits(model, ids_BT, position_ids_BT, mask) -> torch.Tensor:
     """model(ids).logits with an explicit boolean attention mask (True = attend): (B, T, V). mask is (B, T, T)
     for every layer, or (B, 2, T, T): [:, 0] for the first layer, [:, 1] for the others."""
-    bb = model.model
-    x_BTD = bb.embed_tokens(ids_BT)
-    cos, sin = bb.rotary_emb(position_ids_BT, x_BTD.dtype)
-    for i, layer in enumerate(bb.layers):
-        mask_BTT = mask if mask.dim() == 3 else mask[:, min(i, 1)]
-        x_BTD = layer(x_BTD, cos, sin, mask_BTT, None)
-    return model.lm_head(bb.norm(x_BTD))
+    return model.lm_head(backbone(model, ids_BT, position_ids_BT, mask=mask))
 
 
 def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: float = 3e-3, seed: int = 0,

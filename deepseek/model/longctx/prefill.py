@@ -56,16 +56,19 @@ def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress:
     return model.lm_head(h[:, -1])
 
 
-def backbone(model, ids_BT, position_ids_BT, cache) -> torch.Tensor:
+def backbone(model, ids_BT, position_ids_BT, cache=None, mask=None) -> torch.Tensor:
     """model.model(...).last_hidden_state, minus the causal (B, T, S) mask when the cache is compressed: that
-    cache masks its own recent region, and at 128K one chunk's mask is 134M booleans built for nothing."""
-    if not getattr(cache, "is_compressed", False):
+    cache masks its own recent region, and at 128K one chunk's mask is 134M booleans built for nothing.
+    mask: an explicit boolean attention mask instead (True = attend), (B, T, S) for every layer or
+    (B, 2, T, S) with [:, 0] for the first layer and [:, 1] for the others."""
+    if mask is None and not getattr(cache, "is_compressed", False):
         return model.model(input_ids=ids_BT, position_ids=position_ids_BT, cache=cache).last_hidden_state
     bb = model.model
     x_BTD = bb.embed_tokens(ids_BT)
     cos, sin = bb.rotary_emb(position_ids_BT, x_BTD.dtype)
-    for layer in bb.layers:
-        x_BTD = layer(x_BTD, cos, sin, None, cache)
+    for i, layer in enumerate(bb.layers):
+        mask_BTS = mask if mask is None or mask.dim() == 3 else mask[:, min(i, 1)]
+        x_BTD = layer(x_BTD, cos, sin, mask_BTS, cache)
     return bb.norm(x_BTD)
 
 
