@@ -164,3 +164,23 @@ def test_learned_training_path_refuses_compact_positions():
     with pytest.raises(ValueError, match="kv_compact_positions=False"):
         compressed_attention(attn, torch.zeros(1, 4, H, N), torch.zeros(1, 4, H, R), torch.zeros(1, 4, C),
                              torch.zeros(1, 4, R), config=cfg)  # fmt: skip
+
+
+@torch.no_grad()
+def test_deepen_keeps_the_function_and_adds_trainable_layers():
+    """deepen(model, 4): after each of the 2 layers a copy whose output projections are zero, so the logits
+    are unchanged; the copies are real layers (their input projections equal the original's)."""
+    from deepseek import R1ForCausalLM
+    from deepseek.model.longctx.passkey_train import deepen
+
+    torch.manual_seed(0)
+    model = R1ForCausalLM(small_config(first_k_dense_replace=2)).eval()
+    deep = deepen(model, 4).eval()
+    assert deep.config.num_hidden_layers == 4 and len(deep.model.layers) == 4
+    assert [layer.self_attn.layer_idx for layer in deep.model.layers] == [0, 1, 2, 3]
+    assert torch.equal(deep.model.layers[1].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    assert not deep.model.layers[3].mlp.down_proj.weight.any()
+    ids = torch.randint(0, 256, (2, 50))
+    torch.testing.assert_close(deep(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        deepen(model, 3)

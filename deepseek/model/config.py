@@ -82,6 +82,7 @@ class R1Config(PretrainedConfig):
         kv_offload: bool = False,
         kv_learned: bool = False,
         kv_compact_positions: bool = False,
+        kv_refresh_recent: bool = False,
         prefill_chunk: int = 1024,
         **kwargs,
     ):
@@ -141,6 +142,7 @@ class R1Config(PretrainedConfig):
         self.kv_offload = kv_offload  # quantised blocks live in host memory, fetched when selected
         self.kv_learned = kv_learned  # learned block summaries + branch gates (NSA), trained compressed
         self.kv_compact_positions = kv_compact_positions  # attended set at contiguous rope positions (extrapolation)
+        self.kv_refresh_recent = kv_refresh_recent  # prefill ends re-encoding the recent buffer (one selection)
         self.prefill_chunk = prefill_chunk  # tokens per chunk in chunked prefill
         # Derived sizes other libraries read (transformers' DeepseekV3 uses head_dim = rope dims).
         kwargs.pop("qk_head_dim", None)
@@ -249,7 +251,7 @@ class R1Config(PretrainedConfig):
             value = getattr(self, name, 0)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"R1Config.{name} must be a non-negative integer, got {value!r}")
-        for name in ("kv_learned", "kv_compact_positions"):
+        for name in ("kv_learned", "kv_compact_positions", "kv_refresh_recent"):
             if not isinstance(getattr(self, name, False), bool):
                 raise ValueError(f"R1Config.{name} must be true or false, got {getattr(self, name)!r}")
         if getattr(self, "kv_quant_bits", 4) not in KV_QUANT_BITS:

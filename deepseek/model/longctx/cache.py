@@ -108,6 +108,7 @@ class CompressedLatentCache:
         self.offload = config.kv_offload  # payload designated host memory (the same RAM on a CPU-only machine)
         self.host_device = torch.device(host_device or "cpu") if self.offload else self.device
         self.dtype = dtype
+        self.one_selection = False  # set by refresh_recent: every tile of a call reads the last tile's blocks
         self.store = [LayerStore(self, batch_size, self.device, dtype) for _ in range(n_layers)]
 
     # ------------------------------------------------------------------ the cache interface
@@ -307,7 +308,11 @@ class CompressedLatentCache:
             valid = None
             if pad:
                 valid = (torch.arange(X * t, device=q_lat_BTHC.device) < T).to(q_lat_BTHC.dtype).view(X, t)
-            idx_BXk = self.select_blocks(q_sel_BXtHK, layer_idx, scale, valid)
+            if self.one_selection and X > 1:  # the last tile's selection for every tile (refresh_recent)
+                last = None if valid is None else valid[-1:]
+                idx_BXk = self.select_blocks(q_sel_BXtHK[:, -1:], layer_idx, scale, last).expand(-1, X, -1)
+            else:
+                idx_BXk = self.select_blocks(q_sel_BXtHK, layer_idx, scale, valid)
             if self.compact:  # in order, each to its slot
                 idx_BXk = idx_BXk.sort(-1).values
             kv, pe = self.fetch(layer_idx, idx_BXk)  # (B, X, k*b, C), (B, X, k*b, R)

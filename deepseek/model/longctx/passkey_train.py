@@ -35,9 +35,10 @@ from .prefill import backbone
 # The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
 # 2 read per query tile as one run of 2 consecutive blocks (a needle cut at a block boundary is read whole),
 # a 64-token window, 64-token prefill chunks, rope positions compacted, no block means: a query sees at most
-# view_length = 384 tokens, all at distances it was trained on.
+# view_length = 384 tokens, all at distances it was trained on. The prefill ends with refresh_recent, so the
+# whole recent buffer has read the blocks the last tile selected, as every token of a view has.
 VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=64, prefill_chunk=64, kv_topk_blocks=2,
-                     kv_select_span=2, kv_coarse=False, kv_compact_positions=True)
+                     kv_select_span=2, kv_coarse=False, kv_compact_positions=True, kv_refresh_recent=True)
 
 
 def view_length(config) -> int:
@@ -170,6 +171,30 @@ def masked_logits(model, ids_BT, position_ids_BT, mask) -> torch.Tensor:
     return model.lm_head(backbone(model, ids_BT, position_ids_BT, mask=mask))
 
 
+def deepen(model, layers: int):
+    """A `layers`-layer copy of `model` that computes the same function: after each old layer comes a copy of
+    it whose output projections (attention o_proj, MLP down_proj) are zero, so it adds nothing until trained
+    (block expansion, as in LLaMA Pro). Dense layers only; layers must be a multiple of the current depth."""
+    from deepseek import R1ForCausalLM
+
+    old = model.config.num_hidden_layers
+    if layers % old or model.config.first_k_dense_replace < old:
+        raise ValueError(f"deepen: {layers} layers is not a multiple of {old}, or the model has MoE layers")
+    config = type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": layers,
+                                           "first_k_dense_replace": layers})  # fmt: skip
+    new = R1ForCausalLM(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    per = layers // old
+    for k, v in model.state_dict().items():
+        if k.startswith("model.layers."):
+            i, rest = k[len("model.layers."):].split(".", 1)
+            for c in range(per):
+                zero = c > 0 and rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                state[f"model.layers.{int(i) * per + c}.{rest}"] = torch.zeros_like(v) if zero else v.clone()
+    new.load_state_dict(state)
+    return new
+
+
 def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: float = 3e-3, seed: int = 0,
           max_position: int = 131072, keys: int = 1, threads: int | None = None, answer_weight: float = 1.0,
           pose: float = 0.8, pose_after: float = 0.25, eval_every: int = 200, layers: int = 2,
@@ -197,7 +222,10 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     tok = load_tokenizer(tokenizer)
     config = small_config(max_position_embeddings=max_position + 512, num_hidden_layers=layers,
                           first_k_dense_replace=layers, vocab_size=tok.vocab_size)  # fmt: skip
-    model = (R1ForCausalLM.from_pretrained(init) if init else R1ForCausalLM(config)).train()
+    model = R1ForCausalLM.from_pretrained(init) if init else R1ForCausalLM(config)
+    if init and layers > model.config.num_hidden_layers:
+        model = deepen(model, layers)
+    model.train()
     if view:
         for k, v in VIEW_SETTINGS.items():
             setattr(model.config, k, v)

@@ -33,9 +33,10 @@ def make_cache(config, batch: int, max_len: int, compressed: bool | None = None,
 
 @torch.inference_mode()
 def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress: bool = False,
-                    start_position: int = 0) -> torch.Tensor:  # fmt: skip
+                    start_position: int = 0, refresh: bool | None = None) -> torch.Tensor:  # fmt: skip
     """Feed input_ids (B, T) through the model `chunk` tokens at a time, filling `cache`. Returns the last
-    position's logits (B, V). Positions continue from cache.get_seq_length() + start_position."""
+    position's logits (B, V). Positions continue from cache.get_seq_length() + start_position.
+    refresh (default config.kv_refresh_recent): with a compressed cache, end with refresh_recent."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
     chunk = chunk or model.config.prefill_chunk
@@ -53,7 +54,30 @@ def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress:
         h = backbone(model, ids, pos + start_position, cache)
         bar.update(ids.shape[1])
     bar.close()
+    if refresh is None:
+        refresh = getattr(model.config, "kv_refresh_recent", False)
+    if refresh and getattr(cache, "is_compressed", False):
+        h = refresh_recent(model, input_ids, cache, past, start_position) if h is not None else h
     return model.lm_head(h[:, -1])
+
+
+def refresh_recent(model, input_ids, cache, past: int = 0, start_position: int = 0) -> torch.Tensor:
+    """Re-encode the prompt's tokens still in the recent buffer (at most window + block + chunk) as one call in
+    which every tile reads the blocks the last tile selects, per layer. During chunked prefill each earlier
+    chunk of that buffer read the blocks its own (filler) queries chose, so at later layers the recent tokens
+    carry a history of other blocks than the ones the final query retrieves from; after the refresh the whole
+    buffer has attended to the final selection, as in one causal pass over [sinks][selected][recent]. Sealed
+    blocks are untouched. Returns the hidden states of the re-encoded tokens (B, T', D)."""
+    B, T = input_ids.shape
+    r = max(past, max(st.recent_start for st in cache.store))
+    cache.crop(r)
+    ids = input_ids[:, r - past :]
+    pos = torch.arange(r, past + T, device=ids.device)[None].expand(B, -1)
+    cache.one_selection = True
+    try:
+        return backbone(model, ids, pos + start_position, cache)
+    finally:
+        cache.one_selection = False
 
 
 def backbone(model, ids_BT, position_ids_BT, cache=None, mask=None) -> torch.Tensor:
