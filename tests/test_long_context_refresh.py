@@ -94,3 +94,43 @@ def test_refresh_rewrites_only_the_recent_buffer():
 def test_refresh_setting_is_validated():
     with pytest.raises(ValueError, match="kv_refresh_recent"):
         tiny_config(kv_refresh_recent="yes")
+
+
+@pytest.mark.parametrize("lead", [-1, 1])
+@torch.no_grad()
+def test_lead_layer_the_other_layers_read_its_blocks(lead):
+    """kv_lead_layer=j: at each decode step only layer j selects; the layers after it read its choice of this
+    step, the layers before it its choice of the previous forward (the refresh, then each step). With every
+    block selected and full precision the logits still equal the full model's."""
+    cfg = tiny_config(kv_quant_bits=4, kv_topk_blocks=1, kv_lead_layer=lead, kv_refresh_recent=True, **LONG)
+    model = random_model(cfg)
+    j = lead % cfg.num_hidden_layers
+    ids = torch.randint(3, cfg.vocab_size, (1, 120))
+    cache = CompressedLatentCache(cfg, 1, 140)
+    read, select, fetch = {}, cache.select_blocks, cache.fetch
+    cache.fetch = lambda layer, idx: read.__setitem__(layer, idx.clone()) or fetch(layer, idx)  # records
+    logits = chunked_prefill(model, ids, cache)
+    calls = []
+    cache.select_blocks = lambda q, layer, *a: calls.append(layer) or select(q, layer, *a)
+    for t in range(8):
+        before = cache.lead_idx.clone()
+        read.clear(), calls.clear()
+        nxt = logits.argmax(-1, keepdim=True)
+        logits = model(nxt, position_ids=torch.tensor([[120 + t]]), cache=cache).logits[:, -1]
+        assert calls == [j]  # only the lead layer selects
+        for layer in range(cfg.num_hidden_layers):
+            want = before if layer < j else cache.lead_idx
+            assert torch.equal(read[layer], want), (t, layer)
+
+    lossless = tiny_config(kv_quant_bits=0, kv_topk_blocks=1000, kv_lead_layer=lead, kv_refresh_recent=True,
+                           **LONG)  # fmt: skip
+    model = random_model(lossless)
+    full = model(ids).logits[:, -1]
+    got, _ = prefill(model, ids, refresh=True)
+    torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+
+
+def test_lead_layer_is_validated():
+    for bad in (3, -4, True, 1.0):
+        with pytest.raises(ValueError, match="kv_lead_layer"):
+            tiny_config(kv_lead_layer=bad)

@@ -83,6 +83,7 @@ class R1Config(PretrainedConfig):
         kv_learned: bool = False,
         kv_compact_positions: bool = False,
         kv_refresh_recent: bool = False,
+        kv_lead_layer: int | None = None,
         prefill_chunk: int = 1024,
         **kwargs,
     ):
@@ -143,6 +144,7 @@ class R1Config(PretrainedConfig):
         self.kv_learned = kv_learned  # learned block summaries + branch gates (NSA), trained compressed
         self.kv_compact_positions = kv_compact_positions  # attended set at contiguous rope positions (extrapolation)
         self.kv_refresh_recent = kv_refresh_recent  # prefill ends re-encoding the recent buffer (one selection)
+        self.kv_lead_layer = kv_lead_layer  # decode + refresh: other layers read this layer's selection
         self.prefill_chunk = prefill_chunk  # tokens per chunk in chunked prefill
         # Derived sizes other libraries read (transformers' DeepseekV3 uses head_dim = rope dims).
         kwargs.pop("qk_head_dim", None)
@@ -251,6 +253,11 @@ class R1Config(PretrainedConfig):
             value = getattr(self, name, 0)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"R1Config.{name} must be a non-negative integer, got {value!r}")
+        lead = getattr(self, "kv_lead_layer", None)
+        if lead is not None and (not isinstance(lead, int) or isinstance(lead, bool)
+                                 or not -self.num_hidden_layers <= lead < self.num_hidden_layers):  # fmt: skip
+            raise ValueError(f"R1Config.kv_lead_layer={lead!r} must be None or a layer index "
+                             f"(-{self.num_hidden_layers}..{self.num_hidden_layers - 1})")
         for name in ("kv_learned", "kv_compact_positions", "kv_refresh_recent"):
             if not isinstance(getattr(self, name, False), bool):
                 raise ValueError(f"R1Config.{name} must be true or false, got {getattr(self, name)!r}")

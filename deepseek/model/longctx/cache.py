@@ -109,7 +109,12 @@ class CompressedLatentCache:
         self.host_device = torch.device(host_device or "cpu") if self.offload else self.device
         self.dtype = dtype
         self.one_selection = False  # set by refresh_recent: every tile of a call reads the last tile's blocks
+        self.lead = getattr(config, "kv_lead_layer", None)  # the layer whose selection the others read
+        if self.lead is not None and self.lead < 0:
+            self.lead += n_layers
+        self.lead_idx = None  # (B, 1, k): the lead layer's latest selection (its last tile's)
         self.store = [LayerStore(self, batch_size, self.device, dtype) for _ in range(n_layers)]
+        self.n_layers = n_layers
 
     # ------------------------------------------------------------------ the cache interface
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -245,6 +250,27 @@ class CompressedLatentCache:
         importance = importance.sum((2, 3))  # (B, X, n)
         return top_runs(importance, self.topk, self.span)
 
+    def choose_blocks(self, q_BXtHK, layer_idx: int, scale: float, valid_Xt=None) -> torch.Tensor:
+        """The blocks (B, X, k) each query tile reads: normally each layer's own select_blocks per tile.
+        one_selection (refresh_recent): every tile reads what the last tile selects.
+        kv_lead_layer = j: in decode steps and in the refresh, the other layers read layer j's selection: the
+        layers after it its choice in this forward, the layers before it its choice in the previous forward
+        (the last prefill chunk, then each step). Layer j should be the one whose query learnt to retrieve; an
+        earlier layer's own choice can cut a needle in half."""
+        X = q_BXtHK.shape[1]
+        follow = self.lead is not None and layer_idx != self.lead and (X == 1 or self.one_selection)
+        lead = self.lead_idx if follow else None
+        if lead is not None and lead.shape[-1] == min(self.topk, self.store[layer_idx].n_blocks):
+            return lead.expand(-1, X, -1)  # (a block sealed since then can make k grow: then select anew)
+        if self.one_selection and X > 1:
+            last = None if valid_Xt is None else valid_Xt[-1:]
+            idx_BXk = self.select_blocks(q_BXtHK[:, -1:], layer_idx, scale, last).expand(-1, X, -1)
+        else:
+            idx_BXk = self.select_blocks(q_BXtHK, layer_idx, scale, valid_Xt)
+        if layer_idx == self.lead:
+            self.lead_idx = idx_BXk[:, -1:]
+        return idx_BXk
+
     def attend(self, attn, q_nope_BTHN, q_pe_BTHR, kv_BTC, pe_BTR, mask_BTS=None) -> torch.Tensor:
         """MLAttention's compressed path: append the new latent, attend, seal. Returns (B, T, H, V)."""
         if mask_BTS is not None and not bool(mask_BTS[:, -1].all()):
@@ -308,11 +334,7 @@ class CompressedLatentCache:
             valid = None
             if pad:
                 valid = (torch.arange(X * t, device=q_lat_BTHC.device) < T).to(q_lat_BTHC.dtype).view(X, t)
-            if self.one_selection and X > 1:  # the last tile's selection for every tile (refresh_recent)
-                last = None if valid is None else valid[-1:]
-                idx_BXk = self.select_blocks(q_sel_BXtHK[:, -1:], layer_idx, scale, last).expand(-1, X, -1)
-            else:
-                idx_BXk = self.select_blocks(q_sel_BXtHK, layer_idx, scale, valid)
+            idx_BXk = self.choose_blocks(q_sel_BXtHK, layer_idx, scale, valid)
             if self.compact:  # in order, each to its slot
                 idx_BXk = idx_BXk.sort(-1).values
             kv, pe = self.fetch(layer_idx, idx_BXk)  # (B, X, k*b, C), (B, X, k*b, R)
