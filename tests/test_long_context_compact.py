@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -184,3 +185,20 @@ def test_deepen_keeps_the_function_and_adds_trainable_layers():
     torch.testing.assert_close(deep(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="multiple"):
         deepen(model, 3)
+
+
+def test_view_training_deepens_and_saves_the_lead_layer(tmp_path):
+    """passkey train --init (2 layers) --layers 4 --view --lead-layer 2: two steps run, the saved model has 4
+    layers and the VIEW_SETTINGS with refresh and the lead layer in its config, and it loads."""
+    from deepseek import R1ForCausalLM
+    from deepseek.model.longctx.passkey_train import train
+
+    torch.manual_seed(0)
+    R1ForCausalLM(small_config(first_k_dense_replace=2)).save_pretrained(tmp_path / "base")
+    losses = train(str(tmp_path / "deep"), steps=2, batch=2, length=392, init=str(tmp_path / "base"), layers=4,
+                   view=True, pose=0.0, eval_every=0, lead_layer=2)  # fmt: skip
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    model = R1ForCausalLM.from_pretrained(tmp_path / "deep")
+    c = model.config
+    assert c.num_hidden_layers == 4 and c.kv_lead_layer == 2 and c.kv_refresh_recent and c.kv_select_span == 2
+    assert (tmp_path / "deep" / "loss.png").exists()

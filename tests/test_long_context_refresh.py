@@ -134,3 +134,15 @@ def test_lead_layer_is_validated():
     for bad in (3, -4, True, 1.0):
         with pytest.raises(ValueError, match="kv_lead_layer"):
             tiny_config(kv_lead_layer=bad)
+
+
+@torch.no_grad()
+def test_refresh_with_an_empty_recent_buffer_is_a_no_op():
+    """kv_window=0 and a prompt of whole blocks: everything is sealed, nothing to re-encode; same logits."""
+    cfg = tiny_config(kv_quant_bits=0, kv_topk_blocks=1, **{**LONG, "kv_window": 0})
+    model = random_model(cfg)
+    ids = torch.randint(3, cfg.vocab_size, (1, 64))
+    plain, _ = prefill(model, ids, refresh=False)
+    fresh, cache = prefill(model, ids, refresh=True)
+    assert cache.store[0].recent_start == 64
+    torch.testing.assert_close(fresh, plain, atol=0, rtol=0)

@@ -202,6 +202,8 @@ def main():
                    help="with --view: recent tokens before the last prefill chunk do not see the selected blocks")
     t.add_argument("--blind-first-layer", action="store_true",
                    help="with --blind-recent: in the first layer no recent token sees the selected blocks")
+    t.add_argument("--lead-layer", type=int, default=None,
+                   help="with --view: kv_lead_layer saved in the model's config (the layer whose selection all read)")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")
@@ -219,7 +221,7 @@ def main():
                        eval_every=args.eval_every, layers=args.layers, init=args.init,
                        min_length=args.min_length, tokenizer=args.tokenizer, gap_start=args.gap_start,
                        view=args.view, view_frac=args.view_frac, blind_recent=args.blind_recent,
-                       blind_first_layer=args.blind_first_layer,
+                       blind_first_layer=args.blind_first_layer, lead_layer=args.lead_layer,
                        view_source=tuple(int(x) for x in args.view_source.split(",")))  # fmt: skip
         print(json.dumps({"final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "seconds": round(time.time() - t0)}))
         return

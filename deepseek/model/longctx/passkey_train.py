@@ -201,7 +201,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
           init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes",
           gap_start: int | None = None, view: bool = False, view_frac: float = 0.75,
           view_source: tuple[int, int] = (1024, 8192), blind_recent: bool = False,
-          blind_first_layer: bool = False) -> list[float]:  # fmt: skip
+          blind_first_layer: bool = False, lead_layer: int | None = None) -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
@@ -212,7 +212,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     positions (VIEW_SETTINGS written into the model's config): a view_frac fraction of rows are what its
     last query attends to in prompts of view_source tokens (compact_view); in-training accuracy is then
     measured through the compressed cache at 4x `length`. blind_recent (with view): the recent tokens before
-    the last prefill chunk do not see the selected blocks (training_batch with_mask), as in the cache."""
+    the last prefill chunk do not see the selected blocks (training_batch with_mask), as in the cache.
+    layers > the init model's: deepen it first. lead_layer (with view): kv_lead_layer for evaluation and saving."""
     from deepseek import R1ForCausalLM
 
     if threads:
@@ -229,6 +230,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if view:
         for k, v in VIEW_SETTINGS.items():
             setattr(model.config, k, v)
+        model.config.kv_lead_layer = lead_layer
+        model.config.validate_kv_compression()
         if length < view_length(model.config) + 8:
             raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -280,7 +283,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if isinstance(tok, HFTokenizer):
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
-           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "losses": losses, "answer_losses": answer_losses,
+           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "layers": model.config.num_hidden_layers, "lead_layer": lead_layer, "losses": losses, "answer_losses": answer_losses,
            "evals": evals}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib

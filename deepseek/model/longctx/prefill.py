@@ -57,7 +57,8 @@ def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress:
     if refresh is None:
         refresh = getattr(model.config, "kv_refresh_recent", False)
     if refresh and getattr(cache, "is_compressed", False):
-        h = refresh_recent(model, input_ids, cache, past, start_position) if h is not None else h
+        fresh = refresh_recent(model, input_ids, cache, past, start_position)
+        h = h if fresh is None else fresh
     return model.lm_head(h[:, -1])
 
 
@@ -67,9 +68,11 @@ def refresh_recent(model, input_ids, cache, past: int = 0, start_position: int =
     chunk of that buffer read the blocks its own (filler) queries chose, so at later layers the recent tokens
     carry a history of other blocks than the ones the final query retrieves from; after the refresh the whole
     buffer has attended to the final selection, as in one causal pass over [sinks][selected][recent]. Sealed
-    blocks are untouched. Returns the hidden states of the re-encoded tokens (B, T', D)."""
+    blocks are untouched. Returns the hidden states of the re-encoded tokens (B, T', D), or None if none."""
     B, T = input_ids.shape
     r = max(past, max(st.recent_start for st in cache.store))
+    if r >= past + T:  # nothing of this prompt left in the recent buffer (possible with kv_window=0)
+        return None
     cache.crop(r)
     ids = input_ids[:, r - past :]
     pos = torch.arange(r, past + T, device=ids.device)[None].expand(B, -1)
