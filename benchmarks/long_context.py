@@ -153,8 +153,9 @@ def accuracy_phase(args, lengths: list[int]) -> dict:
             elapsed = time.perf_counter() - t0
             eta = elapsed / done * (len(jobs) - done)
             hit = value if job[0] == "ppl" else value["hit"]
-            print(f"  [{done}/{len(jobs)} {elapsed:.0f}s, ETA {eta:.0f}s] {job[0]} {job[1]} {job[2]}: {hit} ({secs:.0f} s)",
-                  flush=True)  # fmt: skip
+            miss = "" if job[0] == "ppl" or hit else f" prompt {job[3]}: {value['answer']!r} for {value['key']!r}"
+            print(f"  [{done}/{len(jobs)} {elapsed:.0f}s, ETA {eta:.0f}s] {job[0]} {job[1]} {job[2]}: {hit}{miss} "
+                  f"({secs:.0f} s)", flush=True)  # fmt: skip
     return out
 
 
