@@ -109,12 +109,10 @@ class CompressedLatentCache:
         self.host_device = torch.device(host_device or "cpu") if self.offload else self.device
         self.dtype = dtype
         self.one_selection = False  # set by refresh_recent: every tile of a call reads the last tile's blocks
-        self.lead = getattr(config, "kv_lead_layer", None)  # the layer whose selection the others read
-        if self.lead is not None and self.lead < 0:
-            self.lead += n_layers
+        lead = getattr(config, "kv_lead_layer", None)  # the layer whose selection the others read
+        self.lead = None if lead is None else lead % n_layers
         self.lead_idx = None  # (B, 1, k): the lead layer's latest selection (its last tile's)
         self.store = [LayerStore(self, batch_size, self.device, dtype) for _ in range(n_layers)]
-        self.n_layers = n_layers
 
     # ------------------------------------------------------------------ the cache interface
     def get_seq_length(self, layer_idx: int = 0) -> int:

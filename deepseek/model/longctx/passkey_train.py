@@ -183,14 +183,15 @@ def deepen(model, layers: int):
     config = type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": layers,
                                            "first_k_dense_replace": layers})  # fmt: skip
     new = R1ForCausalLM(config)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
-    per = layers // old
+    state, per = {}, layers // old
     for k, v in model.state_dict().items():
-        if k.startswith("model.layers."):
-            i, rest = k[len("model.layers."):].split(".", 1)
-            for c in range(per):
-                zero = c > 0 and rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
-                state[f"model.layers.{int(i) * per + c}.{rest}"] = torch.zeros_like(v) if zero else v.clone()
+        if not k.startswith("model.layers."):
+            state[k] = v
+            continue
+        i, rest = k[len("model.layers.") :].split(".", 1)
+        for c in range(per):
+            zero = c > 0 and rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+            state[f"model.layers.{int(i) * per + c}.{rest}"] = torch.zeros_like(v) if zero else v.clone()
     new.load_state_dict(state)
     return new
 
