@@ -202,3 +202,10 @@ def test_view_training_deepens_and_saves_the_lead_layer(tmp_path):
     c = model.config
     assert c.num_hidden_layers == 4 and c.kv_lead_layer == 2 and c.kv_refresh_recent and c.kv_select_span == 2
     assert (tmp_path / "deep" / "loss.png").exists()
+    # continuing without --lead-layer keeps the saved lead layer; deepening without it drops it
+    train(str(tmp_path / "cont"), steps=1, batch=2, length=392, init=str(tmp_path / "deep"), layers=4, view=True,
+          pose=0.0, eval_every=0)  # fmt: skip
+    assert R1ForCausalLM.from_pretrained(tmp_path / "cont").config.kv_lead_layer == 2
+    train(str(tmp_path / "deeper"), steps=1, batch=2, length=392, init=str(tmp_path / "deep"), layers=8, view=True,
+          pose=0.0, eval_every=0)  # fmt: skip
+    assert R1ForCausalLM.from_pretrained(tmp_path / "deeper").config.kv_lead_layer is None

@@ -203,7 +203,7 @@ def main():
     t.add_argument("--blind-first-layer", action="store_true",
                    help="with --blind-recent: in the first layer no recent token sees the selected blocks")
     t.add_argument("--lead-layer", type=int, default=None,
-                   help="with --view: kv_lead_layer saved in the model's config (the layer whose selection all read)")
+                   help="with --view: kv_lead_layer saved in the model's config (the layer whose selection all read; default: keep the --init model's)")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")

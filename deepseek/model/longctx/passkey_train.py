@@ -214,7 +214,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     last query attends to in prompts of view_source tokens (compact_view); in-training accuracy is then
     measured through the compressed cache at 4x `length`. blind_recent (with view): the recent tokens before
     the last prefill chunk do not see the selected blocks (training_batch with_mask), as in the cache.
-    layers > the init model's: deepen it first. lead_layer (with view): kv_lead_layer for evaluation and saving."""
+    layers > the init model's: deepen it first. lead_layer (with view): kv_lead_layer for evaluation and saving (None keeps the init
+    model's, except after deepening)."""
     from deepseek import R1ForCausalLM
 
     if threads:
@@ -225,13 +226,17 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     config = small_config(max_position_embeddings=max_position + 512, num_hidden_layers=layers,
                           first_k_dense_replace=layers, vocab_size=tok.vocab_size)  # fmt: skip
     model = R1ForCausalLM.from_pretrained(init) if init else R1ForCausalLM(config)
-    if init and layers > model.config.num_hidden_layers:
+    deepened = bool(init) and layers > model.config.num_hidden_layers
+    if deepened:
         model = deepen(model, layers)
     model.train()
     if view:
         for k, v in VIEW_SETTINGS.items():
             setattr(model.config, k, v)
-        model.config.kv_lead_layer = lead_layer
+        if lead_layer is not None:
+            model.config.kv_lead_layer = lead_layer
+        elif deepened:  # the init model's lead index names another layer once copies are interleaved
+            model.config.kv_lead_layer = None
         model.config.validate_kv_compression()
         if length < view_length(model.config) + 8:
             raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
