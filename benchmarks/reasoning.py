@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {"sft": load_model_and_tokenizer(args.sft), "grpo": load_model_and_tokenizer(args.grpo)}
-    seen = training_prompts(recipe("r1-tiny"))
+    seen = training_prompts(recipe("r1-tiny", sft4_steps=800))  # also unseen by the SFT-only comparison model (sft4)
     sets = {spec: problems(spec, args.examples, seen) for spec in IN_DIST + HARDER}
     k = args.samples
     results: dict = {name: {} for name in models}

@@ -62,5 +62,5 @@ def test_r1_tiny_solves_unseen_in_distribution_problems():
     exs = [e for e in get_task("addition").generate(60, seed=777, difficulty=2) if e["prompt"] not in seen][:16]
     res = evaluate(model, tok, exs, max_new_tokens=160)
     assert res["format"] >= 0.9  # replies are <think> reasoning </think> answer
-    # far below the 90% target (see docs/reasoning.md), but far above guessing a 2-3 digit sum exactly
-    assert res["greedy"] >= 0.15, [p["completion"][-40:] for p in res["per_example"] if not p["greedy"]]
+    # 2-digit addition: 100% on the benchmark's 100 unseen problems (docs/reasoning.md); allow one slip in 16
+    assert res["greedy"] >= 15 / 16, [p["completion"][-40:] for p in res["per_example"] if not p["greedy"]]

@@ -11,9 +11,10 @@ Stages and what they leave under <out>:
     sft2/        a second SFT pass on fresh examples with a bigger batch (sft2_steps=0 skips it)
     sft3/        a third pass weighted towards the hardest in-distribution sets (2-digit multiplication,
                  3-digit subtraction), longer blocks for the long multiplication traces (sft3_steps=0 skips it)
-    sft4/        the same mixture again on fresh examples at half the learning rate (sft4_steps=0 skips it)
-    grpo/        GRPO with rule-based rewards (grader accuracy + <think> format) on prompts only, including
-                 harder ones (more digits) than any SFT trace
+    sft4/        off by default (sft4_steps=0): the same mixture again on fresh examples at half the learning
+                 rate; `recipe("r1-tiny", sft4_steps=800)` is the SFT-only comparison for GRPO
+    grpo/        GRPO with rule-based rewards (grader accuracy + <think> format) on prompts only, from the last
+                 SFT stage (sft3), 256 rollouts per step weighted to 3-digit subtraction
     recipe.json  the resolved recipe and the wall-clock seconds of each stage
 
 The model is DeepSeek-V3 in miniature: MLA, DeepSeekMoE (1 shared + 8 routed experts, top-2, sigmoid gates,
@@ -91,16 +92,18 @@ class RecipeConfig:
         "addition:1": 0.03, "addition:2": 0.07, "addition:3": 0.10, "subtraction:1": 0.03, "subtraction:2": 0.07,
         "subtraction:3": 0.15, "multiplication:1": 0.05, "multiplication:2": 0.35, "countdown:3": 0.075,
         "passkey:64": 0.0375, "passkey:96": 0.0375})  # fmt: skip
-    # a fourth pass: sft3_mix on fresh examples (another seed), lower learning rate, from sft3's checkpoint
+    # a fourth pass: sft3_mix on fresh examples (another seed), lower learning rate, from sft3's checkpoint.
+    # 0 = skipped (the default): GRPO starts from sft3. 800 steps is the SFT-only comparison (docs/reasoning.md).
     sft4_examples: int = 16000
-    sft4_steps: int = 800
+    sft4_steps: int = 0
     sft4_seed: int = 23
     sft4_lr: float = 5e-4
-    # GRPO (fields of GRPOConfig, merged over its defaults): the in-distribution sets, weighted to the hard ones
+    # GRPO (fields of GRPOConfig, merged over its defaults): 256 rollouts per step (32 prompts x 8), weighted to
+    # the set SFT leaves weakest (3-digit subtraction), std-scaled advantages, no KL term
     grpo: dict = field(default_factory=lambda: dict(
-        steps=40, prompts_per_step=12, group_size=8, max_new_tokens=352, temperature=1.2, lr=2e-5, beta=0.02,
-        scale_rewards=False, eval_every=10, eval_examples=16,
-        tasks=["addition:3", "subtraction:2", "subtraction:3", "subtraction:3", "multiplication:2", "multiplication:2"],
+        steps=30, prompts_per_step=32, group_size=8, max_new_tokens=352, temperature=1.0, lr=2e-5, beta=0.0,
+        scale_rewards=True, norm="token", eval_every=10, eval_examples=32,
+        tasks=["addition:3", "subtraction:2", "subtraction:3", "subtraction:3", "subtraction:3", "multiplication:2"],
         eval_tasks=["addition:2", "subtraction:2", "addition:3", "subtraction:3", "multiplication:2"]))
 
     def __post_init__(self):
