@@ -181,7 +181,8 @@ def deepen(model, layers: int):
     if layers % old or model.config.first_k_dense_replace < old:
         raise ValueError(f"deepen: {layers} layers is not a multiple of {old}, or the model has MoE layers")
     config = type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": layers,
-                                           "first_k_dense_replace": layers})  # fmt: skip
+                                           "first_k_dense_replace": layers,
+                                           "kv_lead_layer": None})  # the old lead index names another layer now  # fmt: skip
     new = R1ForCausalLM(config)
     state, per = {}, layers // old
     for k, v in model.state_dict().items():
@@ -214,8 +215,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     last query attends to in prompts of view_source tokens (compact_view); in-training accuracy is then
     measured through the compressed cache at 4x `length`. blind_recent (with view): the recent tokens before
     the last prefill chunk do not see the selected blocks (training_batch with_mask), as in the cache.
-    layers > the init model's: deepen it first. lead_layer (with view): kv_lead_layer for evaluation and saving (None keeps the init
-    model's, except after deepening)."""
+    layers > the init model's: deepen it first (which drops its kv_lead_layer). lead_layer (with view):
+    kv_lead_layer for evaluation and saving; None keeps the init model's."""
     from deepseek import R1ForCausalLM
 
     if threads:
@@ -226,8 +227,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     config = small_config(max_position_embeddings=max_position + 512, num_hidden_layers=layers,
                           first_k_dense_replace=layers, vocab_size=tok.vocab_size)  # fmt: skip
     model = R1ForCausalLM.from_pretrained(init) if init else R1ForCausalLM(config)
-    deepened = bool(init) and layers > model.config.num_hidden_layers
-    if deepened:
+    if init and layers > model.config.num_hidden_layers:
         model = deepen(model, layers)
     model.train()
     if view:
@@ -235,8 +235,6 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
             setattr(model.config, k, v)
         if lead_layer is not None:
             model.config.kv_lead_layer = lead_layer
-        elif deepened:  # the init model's lead index names another layer once copies are interleaved
-            model.config.kv_lead_layer = None
         model.config.validate_kv_compression()
         if length < view_length(model.config) + 8:
             raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
@@ -289,7 +287,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if isinstance(tok, HFTokenizer):
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
-           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "layers": model.config.num_hidden_layers, "lead_layer": lead_layer, "losses": losses, "answer_losses": answer_losses,
+           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "layers": model.config.num_hidden_layers, "lead_layer": model.config.kv_lead_layer, "losses": losses, "answer_losses": answer_losses,
            "evals": evals}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
