@@ -1,0 +1,70 @@
+"""The compressed cache on a trained checkpoint whose full cache retrieves (the bundled r1-tiny, passkey prompts
+inside its training range): what compression itself changes, with the cache scaled down so most of a short
+prompt sits in sealed blocks (benchmarks/compression_fidelity.py measures the same at more prompts)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deepseek.eval.tasks import load_model_and_tokenizer, prompt_ids
+from deepseek.model.longctx import generate_long
+from deepseek.model.longctx.passkey import long_perplexity
+from deepseek.tasks import get_task
+from tests.helpers import one_thread  # noqa: F401 (fixture)
+
+SCALED = dict(kv_block_size=16, kv_window=16, kv_sink_blocks=1, prefill_chunk=16, kv_quant_group=64, kv_coarse=True,
+              kv_select_span=2, kv_compact_positions=False, kv_refresh_recent=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def r1_tiny():
+    return load_model_and_tokenizer("deepseek/r1-tiny")
+
+
+def answers(model, tok, examples, settings):
+    if settings is not None:
+        for k, v in {**SCALED, **settings}.items():
+            setattr(model.config, k, v)
+    out = []
+    for ex in examples:
+        ids = torch.tensor([prompt_ids(tok, ex)])
+        gen = generate_long(model, ids, max_new_tokens=80, compressed=settings is not None, stop_ids=(tok.eos_token_id,))
+        out.append(tok.decode(gen.tokens[0], skip_special_tokens=True))
+    return out
+
+
+def test_r1_tiny_retrieves_through_the_compressed_cache_as_through_the_full_one(r1_tiny, one_thread):  # noqa: F811
+    model, tok = r1_tiny
+    task = get_task("passkey")
+    examples = task.generate(6, seed=777, difficulty=128)  # 164-token prompts: ~7 sealed 16-token blocks
+    assert len(prompt_ids(tok, examples[0])) > 150
+    full = answers(model, tok, examples, None)
+    hits = [task.grade(ex, a) == 1.0 for ex, a in zip(examples, full)]
+    assert sum(hits) >= 4  # the full cache retrieves (r1-tiny trained on ~100-token passkeys: 18/20 here)
+    examples = [ex for ex, h in zip(examples, hits) if h]
+    full = [a for a, h in zip(full, hits) if h]
+    assert answers(model, tok, examples, dict(kv_topk_blocks=64, kv_quant_bits=0)) == full  # lossless: same text
+    all4 = answers(model, tok, examples, dict(kv_topk_blocks=64, kv_quant_bits=4))  # every block read, 4-bit
+    assert all(task.grade(ex, a) == 1.0 for ex, a in zip(examples, all4))
+    top6 = answers(model, tok, examples, dict(kv_topk_blocks=6, kv_quant_bits=4))  # 6 of ~7-9 blocks, 4-bit
+    assert sum(task.grade(ex, a) == 1.0 for ex, a in zip(examples, top6)) >= len(examples) - 1
+
+
+def test_r1_tiny_perplexity_compressed_close_to_full(r1_tiny, one_thread):  # noqa: F811
+    model, tok = r1_tiny
+    ex = get_task("multiplication").generate(1, seed=777, difficulty=2)[0]
+    ids = torch.tensor(tok(tok.apply_chat_template(ex["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+    assert ids.numel() > 250
+    full = long_perplexity(model, ids, False, chunk=16, skip=48)
+    for k, v in {**SCALED, "kv_topk_blocks": 64, "kv_quant_bits": 0}.items():
+        setattr(model.config, k, v)
+    assert math.isclose(long_perplexity(model, ids, True, chunk=16, skip=48), full, rel_tol=1e-4)
+    model.config.kv_topk_blocks, model.config.kv_quant_bits = 6, 4
+    top6 = long_perplexity(model, ids, True, chunk=16, skip=48)
+    model.config.kv_topk_blocks = 1
+    top1 = long_perplexity(model, ids, True, chunk=16, skip=48)
+    assert abs(math.log(top6 / full)) < 0.1  # within 10% of the full cache
+    assert top1 > top6  # reading fewer blocks at full resolution costs perplexity
