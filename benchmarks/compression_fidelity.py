@@ -40,7 +40,20 @@ SETTINGS = {  # name -> overrides of BASE
     "top-6, 4-bit": dict(kv_topk_blocks=6),
     "top-4, 4-bit": dict(kv_topk_blocks=4),
     "top-2, 4-bit": dict(kv_topk_blocks=2),
+    "all blocks, 4-bit, groups of 16": dict(kv_topk_blocks=64, kv_quant_group=16),
+    "all blocks, 8-bit": dict(kv_topk_blocks=64, kv_quant_bits=8),
+    "top-4, 8-bit": dict(kv_topk_blocks=4, kv_quant_bits=8),
 }
+DEFAULT = list(SETTINGS)[:5]
+
+
+def setting_tag(name: str) -> str:
+    """JSON key part: lossless, all_4bit, top4_4bit, all_4bit_g16, ..."""
+    o = {**BASE, **SETTINGS[name]}
+    if o["kv_quant_bits"] == 0:
+        return "lossless"
+    k = "all" if o["kv_topk_blocks"] >= 64 else f"top{o['kv_topk_blocks']}"
+    return f"{k}_{o['kv_quant_bits']}bit" + ("" if o["kv_quant_group"] == 64 else f"_g{o['kv_quant_group']}")
 
 
 def apply(config, overrides: dict | None) -> None:
@@ -102,10 +115,12 @@ def main():
     parser.add_argument("--seed", type=int, default=777, help="prompt seed (the recipe trains on seeds < 100)")
     parser.add_argument("--ppl-rows", type=int, default=40, help="held-out conversations for perplexity")
     parser.add_argument("--max-new", type=int, default=80)
-    parser.add_argument("--settings", default="", help="comma-separated subset of the setting names")
+    parser.add_argument("--settings", default="", help="';'-separated setting names, or 'all' (default: the first five)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    names = [s for s in SETTINGS if not args.settings or s in args.settings.split(",")]
+    names = DEFAULT if not args.settings else list(SETTINGS) if args.settings == "all" else args.settings.split(";")
+    if any(n not in SETTINGS for n in names):
+        parser.error(f"--settings: choose from {list(SETTINGS)} (';'-separated) or 'all'")
     diffs = [int(x) for x in args.difficulties.split(",") if x]
     if args.prompts < 1 or not diffs or not names:
         parser.error("need --prompts >= 1, at least one difficulty and one setting")
@@ -126,8 +141,7 @@ def main():
             acc = sum(h for h, _ in comp) / len(comp)
             same = sum(a[1] == b[1] for a, b in zip(full, comp)) / len(comp)
             rows.append(("", name, f"{acc:.1%}", f"{same:.0%}"))
-            key = SETTINGS[name].get("kv_topk_blocks")
-            tag = "lossless" if SETTINGS[name].get("kv_quant_bits") == 0 else ("all4bit" if key == 64 else f"top{key}")
+            tag = setting_tag(name)
             result[f"passkey{d}_{tag}"] = round(acc, 4)
             result[f"passkey{d}_{tag}_drop_points"] = round(100 * (acc_full - acc), 1)
             print(f"  passkey {d} {name}: {acc:.1%} (full {acc_full:.1%}), same text {same:.0%}", flush=True)
@@ -139,8 +153,7 @@ def main():
     for name in names:
         ppl = perplexity_run(model, ppl_rows, SETTINGS[name], skip)
         rows.append(("", name, f"{ppl:.3f}", f"{ppl / ppl_full - 1:+.2%}"))
-        key = SETTINGS[name].get("kv_topk_blocks")
-        tag = "lossless" if SETTINGS[name].get("kv_quant_bits") == 0 else ("all4bit" if key == 64 else f"top{key}")
+        tag = setting_tag(name)
         result[f"ppl_{tag}"] = round(ppl, 4)
         print(f"  perplexity {name}: {ppl:.3f} (full {ppl_full:.3f})", flush=True)
     result["seconds"] = round(time.time() - t0)
