@@ -68,3 +68,17 @@ def test_r1_tiny_perplexity_compressed_close_to_full(r1_tiny, one_thread):  # no
     top1 = long_perplexity(model, ids, True, chunk=16, skip=48)
     assert abs(math.log(top6 / full)) < 0.1  # within 10% of the full cache
     assert top1 > top6  # reading fewer blocks at full resolution costs perplexity
+
+
+def test_bundled_passkey_model_retrieves_at_4k_through_the_compressed_cache(one_thread):  # noqa: F811
+    from deepseek import R1ForCausalLM
+    from deepseek.model.longctx.passkey import model_tokenizer, passkey_trial
+    from deepseek.model.longctx.passkey_train import VIEW_SETTINGS
+
+    model = R1ForCausalLM.from_pretrained("deepseek/passkey-128k").eval()
+    config = model.config
+    assert all(getattr(config, k) == v for k, v in VIEW_SETTINGS.items() if k != "kv_topk_blocks")
+    assert config.kv_lead_layer is not None and config.num_hidden_layers == 4
+    tok = model_tokenizer("deepseek/passkey-128k")  # bytes: the model has no tokenizer.json
+    trials = [passkey_trial(model, 4096, True, f"test-{i}", tok=tok) for i in range(3)]
+    assert all(t["hit"] for t in trials), trials  # 64 sealed blocks, 2 read: the needle's run is found

@@ -18,7 +18,6 @@ import math
 import random
 import re
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -72,8 +71,11 @@ def load_tokenizer(name: str):
 
 
 def model_tokenizer(model_dir: str):
-    """The tokenizer a passkey model was trained with: its saved tokenizer.json, else bytes."""
-    return load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else BYTES
+    """The tokenizer a passkey model (a folder or a bundled name) was trained with: its tokenizer.json, else bytes."""
+    from deepseek.compat.checkpoint import resolve
+
+    folder = resolve(model_dir)
+    return load_tokenizer(str(folder)) if (folder / "tokenizer.json").is_file() else BYTES
 
 
 def passkey_sample(rng: random.Random, length: int, keys: int = 1, tok=BYTES):
@@ -204,6 +206,8 @@ def main():
                    help="with --blind-recent: in the first layer no recent token sees the selected blocks")
     t.add_argument("--lead-layer", type=int, default=None,
                    help="with --view: kv_lead_layer saved in the model's config (the layer whose selection all read; default: keep the --init model's)")
+    t.add_argument("--view-topk", type=int, default=None,
+                   help="with --view: blocks read per query (default VIEW_SETTINGS' 2; 4 = two runs of 2)")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--lengths", default="4096,16384")
@@ -221,7 +225,7 @@ def main():
                        eval_every=args.eval_every, layers=args.layers, init=args.init,
                        min_length=args.min_length, tokenizer=args.tokenizer, gap_start=args.gap_start,
                        view=args.view, view_frac=args.view_frac, blind_recent=args.blind_recent,
-                       blind_first_layer=args.blind_first_layer, lead_layer=args.lead_layer,
+                       blind_first_layer=args.blind_first_layer, lead_layer=args.lead_layer, view_topk=args.view_topk,
                        view_source=tuple(int(x) for x in args.view_source.split(",")))  # fmt: skip
         print(json.dumps({"final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "seconds": round(time.time() - t0)}))
         return

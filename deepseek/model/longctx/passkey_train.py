@@ -203,7 +203,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
           init: str | None = None, min_length: int | None = None, tokenizer: str = "bytes",
           gap_start: int | None = None, view: bool = False, view_frac: float = 0.75,
           view_source: tuple[int, int] = (1024, 8192), blind_recent: bool = False,
-          blind_first_layer: bool = False, lead_layer: int | None = None) -> list[float]:  # fmt: skip
+          blind_first_layer: bool = False, lead_layer: int | None = None,
+          view_topk: int | None = None) -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
@@ -216,7 +217,9 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     measured through the compressed cache at 4x `length`. blind_recent (with view): the recent tokens before
     the last prefill chunk do not see the selected blocks (training_batch with_mask), as in the cache.
     layers > the init model's: deepen it first (which drops its kv_lead_layer). lead_layer (with view):
-    kv_lead_layer for evaluation and saving; None keeps the init model's."""
+    kv_lead_layer for evaluation and saving; None keeps the init model's. view_topk (with view): blocks read
+    per query instead of VIEW_SETTINGS' 2 (e.g. 4 = two runs of 2, room for a second needle in multi-key
+    views, so the model learns to pick the asked name's key among the needles selection brings)."""
     from deepseek import R1ForCausalLM
 
     if threads:
@@ -233,13 +236,15 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if view:
         for k, v in VIEW_SETTINGS.items():
             setattr(model.config, k, v)
+        if view_topk is not None:
+            model.config.kv_topk_blocks = view_topk
         if lead_layer is not None:
             model.config.kv_lead_layer = lead_layer
         model.config.validate_kv_compression()
         if length < view_length(model.config) + 8:
             raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    losses, answer_losses, evals = [], [], []
+    losses, answer_losses, evals, multi_evals = [], [], [], []
     bar = tqdm(range(steps), desc="passkey train", unit="step")
     for step in bar:
         warm = min(1.0, (step + 1) / 30)
@@ -274,12 +279,18 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
             model.eval()
             acc = passkey_accuracy(model, 4 * length if view else length, 16, compressed=view, seed=10_000 + step,
                                    tok=tok)  # fmt: skip
+            if keys > 1:  # and the multi-key variant with the most keys
+                mk = passkey_accuracy(model, 4 * length if view else length, 16, compressed=view,
+                                      seed=20_000 + step, keys=keys, tok=tok)  # fmt: skip
+                multi_evals.append((step + 1, mk))
             model.train()
             evals.append((step + 1, acc))
         post = dict(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
                     key=f"{sum(answer_losses[-20:]) / len(answer_losses[-20:]):.3f}")  # fmt: skip
         if evals:
             post["acc"] = f"{evals[-1][1]:.2f}"
+        if multi_evals:
+            post["multi"] = f"{multi_evals[-1][1]:.2f}"
         bar.set_postfix(post)
     model.eval()
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -288,7 +299,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
            "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "layers": model.config.num_hidden_layers, "lead_layer": model.config.kv_lead_layer, "losses": losses, "answer_losses": answer_losses,
-           "evals": evals}  # fmt: skip
+           "evals": evals, "multi_evals": multi_evals, "view_topk": model.config.kv_topk_blocks if view else None}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
 
@@ -303,7 +314,10 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     ax[0].set_yscale("log")
     ax[0].legend()
     if evals:
-        ax[1].plot(*zip(*evals), marker="o")
+        ax[1].plot(*zip(*evals), marker="o", label="1 key")
+    if multi_evals:
+        ax[1].plot(*zip(*multi_evals), marker="s", label=f"{keys} keys")
+        ax[1].legend()
     ax[1].set_xlabel("step")
     ax[1].set_ylabel(f"passkey accuracy at {length} bytes")
     ax[1].set_ylim(-0.02, 1.02)
