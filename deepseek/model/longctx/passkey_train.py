@@ -319,7 +319,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         ax[1].plot(*zip(*multi_evals), marker="s", label=f"{keys} keys")
         ax[1].legend()
     ax[1].set_xlabel("step")
-    ax[1].set_ylabel(f"passkey accuracy at {length} bytes")
+    ax[1].set_ylabel(f"passkey accuracy at {4 * length if view else length} bytes")
     ax[1].set_ylim(-0.02, 1.02)
     fig.suptitle("passkey training")
     fig.tight_layout()
