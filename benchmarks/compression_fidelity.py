@@ -3,23 +3,22 @@ full MLA latent cache vs CompressedLatentCache at several read budgets.
 
     python benchmarks/compression_fidelity.py                     # bundled r1-tiny, ~10 min on 1 thread
     python benchmarks/compression_fidelity.py --prompts 20 --difficulties 96
-    python benchmarks/compression_fidelity.py --model runs/passkey_model --passkey-bytes 392
+    python benchmarks/compression_fidelity.py --difficulties 128 --settings all
 
 The 128K passkey models only retrieve through the compressed cache's compact positions (their full cache
 scores 0% beyond the lengths they were trained on), so they cannot show what compression itself loses. This
 benchmark asks that question on a model whose full cache does retrieve: the bundled r1-tiny, at prompt lengths
 inside its training range (its SFT mixture has passkey prompts of ~100 tokens; it was trained on up to 384
 positions). To put most of a short prompt into sealed blocks the cache is scaled down (16-token blocks, a
-16-token window and prefill chunk, one sink block), so a 164-token prompt has ~8 sealed blocks and a budget of
-k blocks reads k of them at full resolution (4-bit), the rest through block means. Positions are exact (no
+16-token window and prefill chunk, one sink block), so a 164-token prompt has ~10 sealed blocks by the time the key is written
+and a budget of k blocks reads k of them at full resolution (4-bit), the rest through block means. Positions are exact (no
 compact positions): only selection, coarse attention and quantisation differ from the full cache.
 
 Per (difficulty, setting): greedy passkey accuracy (the r1-tiny chat template, its own think-then-answer
 format, graded by the task) and the share of prompts whose whole generated text equals the full cache's; and
 teacher-forced perplexity on held-out conversations of r1-tiny's SFT kinds (170-320 tokens: multiplication
 traces, 4-digit addition and subtraction, passkey), over the positions past the sink and window, where the
-caches differ. Prints a
-table, then one JSON line. Settings use kv_* names from R1Config.
+caches differ. Prints a table, then one JSON line. Settings use kv_* names from R1Config.
 """
 
 from __future__ import annotations
@@ -56,9 +55,13 @@ def setting_tag(name: str) -> str:
     return f"{k}_{o['kv_quant_bits']}bit" + ("" if o["kv_quant_group"] == 64 else f"_g{o['kv_quant_group']}")
 
 
-def apply(config, overrides: dict | None) -> None:
-    for k, v in {**BASE, **(overrides or {})}.items():
+def apply(config, overrides: dict | None) -> bool:
+    """Set BASE + overrides on the config; None = the full cache (config untouched). Returns compressed?"""
+    if overrides is None:
+        return False
+    for k, v in {**BASE, **overrides}.items():
         setattr(config, k, v)
+    return True
 
 
 def heldout_chats(tokenizer, rows: int, seed: int) -> list[torch.Tensor]:
@@ -81,9 +84,7 @@ def passkey_run(model, tokenizer, examples, overrides, max_new: int) -> list[tup
     from deepseek.tasks import get_task
 
     grader = get_task("passkey")
-    compressed = overrides is not None
-    if compressed:
-        apply(model.config, overrides)
+    compressed = apply(model.config, overrides)
     out = []
     for ex in examples:
         ids = torch.tensor([prompt_ids(tokenizer, ex)])
@@ -97,9 +98,7 @@ def passkey_run(model, tokenizer, examples, overrides, max_new: int) -> list[tup
 def perplexity_run(model, rows, overrides, skip: int) -> float:
     from deepseek.model.longctx.passkey import long_perplexity
 
-    compressed = overrides is not None
-    if compressed:
-        apply(model.config, overrides)
+    compressed = apply(model.config, overrides)
     nll = [math.log(long_perplexity(model, ids, compressed, chunk=16, skip=skip)) for ids in rows]
     return math.exp(sum(nll) / len(nll))
 

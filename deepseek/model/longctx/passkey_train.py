@@ -243,6 +243,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         model.config.validate_kv_compression()
         if length < view_length(model.config) + 8:
             raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
+    eval_length = 4 * length if view else length  # views: prompts long enough to have sealed blocks
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     losses, answer_losses, evals, multi_evals = [], [], [], []
     bar = tqdm(range(steps), desc="passkey train", unit="step")
@@ -277,10 +278,10 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         answer_losses.append(retr.item())
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             model.eval()
-            acc = passkey_accuracy(model, 4 * length if view else length, 16, compressed=view, seed=10_000 + step,
+            acc = passkey_accuracy(model, eval_length, 16, compressed=view, seed=10_000 + step,
                                    tok=tok)  # fmt: skip
             if keys > 1:  # and the multi-key variant with the most keys
-                mk = passkey_accuracy(model, 4 * length if view else length, 16, compressed=view,
+                mk = passkey_accuracy(model, eval_length, 16, compressed=view,
                                       seed=20_000 + step, keys=keys, tok=tok)  # fmt: skip
                 multi_evals.append((step + 1, mk))
             model.train()
@@ -319,7 +320,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         ax[1].plot(*zip(*multi_evals), marker="s", label=f"{keys} keys")
         ax[1].legend()
     ax[1].set_xlabel("step")
-    ax[1].set_ylabel(f"passkey accuracy at {4 * length if view else length} bytes")
+    ax[1].set_ylabel(f"passkey accuracy at {eval_length} bytes")
     ax[1].set_ylim(-0.02, 1.02)
     fig.suptitle("passkey training")
     fig.tight_layout()
