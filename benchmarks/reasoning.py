@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deepseek.cli_generate import load_model_and_tokenizer  # noqa: E402
+from deepseek.loading import load_model_and_tokenizer  # noqa: E402
 from deepseek.tasks import get_task  # noqa: E402
 from deepseek.train.recipe import recipe, training_prompts  # noqa: E402
 from deepseek.train.rl.rollout import evaluate  # noqa: E402

@@ -20,34 +20,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_model_and_tokenizer(name: str, device: str = "cpu", int8: bool = False, dtype=None):
-    """(model, tokenizer) from one folder or bundled name, ready for decoding. Errors name what is missing."""
-    from transformers import AutoTokenizer
-
-    from .compat.checkpoint import resolve
-    from .model.generate import prepare_for_decode
-    from .model.transformer import R1ForCausalLM
-
-    path = resolve(name)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise FileNotFoundError(f"{path} has no tokenizer (tokenizer.json); save one next to the model")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = R1ForCausalLM.from_pretrained(path, device=device, dtype=dtype).eval()
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model's vocab is "
-                         f"{model.config.vocab_size}")  # fmt: skip
-    if int8:
-        from .model.quant import quantize_int8
-
-        quantize_int8(model)
-    else:
-        prepare_for_decode(model)
-    return model, tokenizer
-
-
 def run(args) -> int:
     import torch
 
+    from .loading import load_model_and_tokenizer
     from .model.generate import generate
 
     if args.max_new_tokens <= 0:

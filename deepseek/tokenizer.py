@@ -24,9 +24,11 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .chat import THINK_CLOSE, THINK_OPEN
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
-THINK, END_THINK = "<think>", "</think>"
+THINK, END_THINK = THINK_OPEN, THINK_CLOSE
 IMAGE, AUDIO, POINTS = "<image>", "<audio>", "<points>"
 RESERVED = [f"<|reserved_{i}|>" for i in range(5)]
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, THINK, END_THINK, IMAGE, AUDIO, POINTS, *RESERVED]

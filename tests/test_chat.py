@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from deepseek.cli_chat import DIM, RESET, ChatSession, split_reasoning
-from deepseek.cli_generate import load_model_and_tokenizer
+from deepseek.chat import DIM, RESET, ChatSession, split_reasoning
+from deepseek.loading import load_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,26 +7,11 @@ Legend: B prompts per batch, T prompt tokens (left-padded).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
+from ..loading import load_model_and_tokenizer  # noqa: F401  (deepseek.eval's loader)
 from ..model.generate import generate
-
-
-def load_model_and_tokenizer(name_or_path, tokenizer=None, device: str = "cpu"):
-    """A checkpoint folder or bundled model name, and its tokenizer (from `tokenizer` or the same folder)."""
-    from transformers import AutoTokenizer
-
-    from ..compat.checkpoint import resolve
-    from ..model.transformer import R1ForCausalLM
-
-    path = resolve(name_or_path)
-    tok_dir = Path(tokenizer) if tokenizer else path
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer <folder>")
-    model = R1ForCausalLM.from_pretrained(path, device=device).eval()
-    return model, AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 def prompt_ids(tokenizer, example: dict) -> list[int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generation.sampling import sample
 from .cache import LatentCache
 
 
@@ -30,25 +31,6 @@ class GenerateOutput:
     def decode_tokens_per_second(self) -> float:
         n = sum(len(t) for t in self.new_tokens)
         return n / self.decode_seconds if self.decode_seconds > 0 else float("inf")
-
-
-def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
-    """Greedy when temperature == 0, else temperature / top-k / nucleus sampling. Returns (B,) token ids."""
-    if temperature <= 0:
-        return logits_BV.argmax(dim=-1)
-    logits = logits_BV.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.generate import sample
+from ..generation.sampling import sample
 from .kv_cache import SlotCache
 from .sequence import Sequence
 

@@ -13,7 +13,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from ..chat import THINK_CLOSE, THINK_OPEN
+
 _ids = itertools.count()
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import random
 import re
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from ..chat import THINK_CLOSE, THINK_OPEN
+
 # `<think>` optional at the start (a chat template may have put it in the prompt), reasoning, `</think>`, answer
 _FORMAT_RE = re.compile(r"^\s*(?:<think>)?(?P<reasoning>.*?)</think>(?P<answer>.*)$", re.DOTALL)
 _BOXED_RE = re.compile(r"\\boxed\{(.*)\}")
