@@ -39,7 +39,7 @@ def run(args) -> int:
         raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
     from .loading import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(args.model, args.device)
+    model, tok = load_model_and_tokenizer(args.model, device=args.device)
     color = {"auto": None, "always": True, "never": False}[args.color]
     session = ChatSession(model, tok, color=color, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, system=args.system)  # fmt: skip

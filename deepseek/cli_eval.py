@@ -45,7 +45,7 @@ def run(args) -> int:
             raise FileNotFoundError(f"--ppl {source}: no such file or folder")
     from deepseek.eval import load_model_and_tokenizer, perplexity, task_accuracy
 
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
+    model, tokenizer = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer)
     rows = []
     for source in args.ppl:
         r = perplexity(model, tokenizer, source, seq_len=args.seq_len, show_progress=True)

@@ -28,7 +28,7 @@ def run(args) -> int:
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.int8)
+    model, tok = load_model_and_tokenizer(args.model, device=args.device, int8=args.int8)
     if args.chat and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                        add_generation_prompt=True)  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_model_and_tokenizer(name_or_path, tokenizer=None, device: str = "cpu", int8: bool = False, dtype=None,
+def load_model_and_tokenizer(name_or_path, *, tokenizer=None, device: str = "cpu", int8: bool = False, dtype=None,
                              for_decode: bool = True):  # fmt: skip
     """(model, tokenizer). tokenizer: a folder to take it from (default: the model's own). for_decode lays the
     weights out for one-token decode (same values; see prepare_for_decode). Errors name what is missing."""
