@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from deepseek.model.attention import attend_latent
 from deepseek.model.cache import LatentCache
 from deepseek.model.generate import generate
 from deepseek.model.longctx import (
@@ -70,7 +71,7 @@ def attention_error(cfg, q_lat, q_pe, kv, pe, scale):
     cache = CompressedLatentCache(cfg, 1, kv.shape[1], layers=1)
     cache.append(kv, pe, 0)
     cache.seal(0)
-    out = cache.attend_latent(q_lat, q_pe, 0, scale)
+    out = attend_latent(q_lat, q_pe, cache.groups(q_lat, q_pe, 0, scale), scale)
     s = (torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", q_pe, pe)) * scale
     ref = torch.einsum("bhts,bsc->bthc", s.softmax(-1), kv)
     return ((out - ref).norm() / ref.norm()).item()

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from deepseek.model.attention import attend_latent
 from deepseek.model.longctx import CompressedLatentCache
 from deepseek.model.longctx.passkey import needle_spans, passkey_sample, small_config
 from deepseek.model.longctx.passkey_train import VIEW_SETTINGS, compact_view, training_batch, view_length
@@ -40,7 +41,7 @@ def decode_output(cfg, n_filler: int) -> torch.Tensor:
     new = torch.randn(1, 1, C + R, generator=g)
     cache.append(new[..., :C], rotate(new[..., C:], torch.tensor([L]), inv_freq, cfg.rope_interleave), 0)
     q_pe = rotate(q_raw, torch.tensor([L])[None, :, None], inv_freq, cfg.rope_interleave)
-    return cache.attend_latent(q_lat, q_pe, 0, scale=0.2)
+    return attend_latent(q_lat, q_pe, cache.groups(q_lat, q_pe, 0, 0.2), 0.2)
 
 
 @torch.no_grad()
@@ -156,15 +157,16 @@ def test_masked_logits_with_a_causal_mask_equal_the_model():
 
 
 def test_learned_training_path_refuses_compact_positions():
-    from deepseek.model.longctx.learned import compressed_attention
+    from deepseek.model.cache import LatentQuery
+    from deepseek.model.longctx.learned import compressed_pattern
     from tests.helpers import random_model
 
     cfg = tiny_config(kv_learned=True, kv_compact_positions=True, **LONG)
     attn = random_model(cfg).model.layers[0].self_attn
     H, N, R, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     with pytest.raises(ValueError, match="kv_compact_positions=False"):
-        compressed_attention(attn, torch.zeros(1, 4, H, N), torch.zeros(1, 4, H, R), torch.zeros(1, 4, C),
-                             torch.zeros(1, 4, R), config=cfg)  # fmt: skip
+        query = LatentQuery(torch.zeros(1, 4, H, N), torch.zeros(1, 4, H, R), torch.zeros(H, N, C), 1.0)
+        compressed_pattern(query, torch.zeros(1, 4, C), torch.zeros(1, 4, R), None, attn.nsa)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepseek.model.longctx import CompressedLatentCache, chunked_prefill
-from deepseek.model.longctx.prefill import backbone, refresh_recent
+from deepseek.model.longctx.prefill import refresh_recent
 from tests.helpers import one_thread, random_model, tiny_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +69,7 @@ def test_one_layer_refresh_equals_one_masked_pass_over_the_final_selection():
     mask[:, lo : lo + b] = True
     mask[:, r:] = True
     mask &= torch.ones(T, T, dtype=torch.bool).tril()
-    ref = backbone(model, ids, torch.arange(T)[None], mask=mask[None])[:, r:]
+    ref = model.model(input_ids=ids, position_ids=torch.arange(T)[None], mask=mask[None]).last_hidden_state[:, r:]
     torch.testing.assert_close(hidden, ref, atol=1e-4, rtol=1e-4)
 
 

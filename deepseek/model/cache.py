@@ -1,18 +1,120 @@
-"""The decode cache: only the compressed MLA latent per token per layer.
+"""The latent-cache protocol, and the static decode cache.
 
-Legend: L layers, B batch, S cached positions, C kv_lora_rank, R qk_rope_head_dim.
+Legend: L layers, B batch, T new tokens, S attended positions, H heads, C kv_lora_rank, R qk_rope_head_dim,
+X query tiles of t queries each (X * t >= T).
 
-Per token and layer the cache holds C + R numbers (576 for DeepSeek-V3), not 2 * H * head_dim re-expanded
-keys and values. `LatentCache` is static (allocated once for `max_len` positions, indexed by position);
-transformers' DynamicCache works too, with the latent stored as a one-head key/value pair.
+Per token and layer a cache holds only the compressed MLA latent, C + R numbers (576 for DeepSeek-V3), never
+re-expanded keys and values. Attention (`MLAttention`, attention.py) owns every piece of MLA math; a cache only
+stores latents and says what the queries of one call attend to. That is the whole protocol:
+
+    class CacheProtocol(Protocol):
+        def get_seq_length(self, layer_idx: int = 0) -> int
+        def attended(self, layer_idx, kv_BTC, pe_BTR, query: LatentQuery, mask_BTS) -> Attended
+        def finish(self, layer_idx, block_weights_b=None) -> None
+
+`attended` stores the T new latents and returns `Attended`: groups of latent keys (each key is also its value,
+as in absorbed MLA) whose scores share one softmax. A dense cache returns one group, everything so far, with
+the caller's mask; the hierarchical cache (longctx/cache.py) returns sinks, selected blocks per query tile,
+coarse block means and the recent window. `finish` runs after that layer's attention (the hierarchical cache
+seals blocks there, so every query sees its own chunk at full precision).
+
+Implementations: `LatentCache` (below; one batch, allocated once, indexed by position), the serving
+engine's per-sequence slot views (serve/kv_cache.py), `CompressedLatentCache` (longctx/cache.py) and
+`TransformersCache` (below; transformers' Cache objects when GenerationMixin drives the model).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Protocol, runtime_checkable
+
 import torch
 
 
-class LatentCache:
+@dataclass
+class LatentQuery:
+    """One layer's queries, as a cache may use them to choose what they attend to (absorbed form)."""
+
+    nope_BTHN: torch.Tensor
+    pe_BTHR: torch.Tensor
+    w_uk_HNC: torch.Tensor  # kv_b_proj's key half: q_nope -> latent space
+    scale: float
+
+    @cached_property
+    def lat_BTHC(self) -> torch.Tensor:  # computed once, only if someone asks
+        return torch.einsum("bthn,hnc->bthc", self.nope_BTHN, self.w_uk_HNC)
+
+
+@dataclass
+class KeyGroup:
+    """Latent keys the queries attend to; each key is also its own value.
+
+    kv (B, S, C) / pe (B, S, R) shared by every query, or (B, X, S, C) / (B, X, S, R) one set per query tile.
+    mask: True = attend, broadcastable to (B, X, t, S); None = all. bias: added to every score (a coarse block
+    mean stands for b keys: + log b). branch: which learned gate applies (NSA: 0 sinks and selected blocks,
+    1 coarse means, 2 recent window)."""
+
+    kv: torch.Tensor
+    pe: torch.Tensor
+    mask: torch.Tensor | None = None
+    bias: float = 0.0
+    branch: int = 0
+
+    @property
+    def tiled(self) -> bool:
+        return self.kv.dim() == 4
+
+
+@dataclass
+class Attended:
+    """What the T queries of one call attend to: key groups under one joint softmax, queries in tiles of t."""
+
+    groups: list[KeyGroup] = field(default_factory=list)
+    tile: int = 0  # queries per tile; 0 = all T queries in one tile
+    causal: bool = False  # one shared group, no mask, T > 1: query i sees keys up to S - T + i
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(kv_BSC, pe_BSR, mask_BTS) when this is one shared group in one tile (either MLA form works)."""
+        if len(self.groups) != 1 or self.tile or self.groups[0].tiled or self.groups[0].bias:
+            return None
+        g = self.groups[0]
+        return g.kv, g.pe, None if g.mask is None else g.mask[:, 0]
+
+
+def dense_attended(kv_BSC, pe_BSR, mask_BTS, T: int) -> Attended:
+    """Everything cached so far as one group, with the caller's (B, T, S) mask (None: causal if T > 1)."""
+    mask = None if mask_BTS is None else mask_BTS[:, None]  # (B, X=1, t=T, S)
+    return Attended([KeyGroup(kv_BSC, pe_BSR, mask)], causal=mask_BTS is None and T > 1)
+
+
+@runtime_checkable
+class CacheProtocol(Protocol):
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+    def attended(self, layer_idx: int, kv_BTC: torch.Tensor, pe_BTR: torch.Tensor, query: LatentQuery,
+                 mask_BTS: torch.Tensor | None) -> Attended: ...  # fmt: skip
+
+    def finish(self, layer_idx: int, block_weights_b: torch.Tensor | None = None) -> None: ...
+
+
+class DenseCache:
+    """Base for caches that attend to every stored position: subclasses implement `update`."""
+
+    def update(self, kv_BTC, pe_BTR, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def attended(self, layer_idx, kv_BTC, pe_BTR, query, mask_BTS) -> Attended:
+        kv_BSC, pe_BSR = self.update(kv_BTC, pe_BTR, layer_idx)
+        return dense_attended(kv_BSC, pe_BSR, mask_BTS, kv_BTC.shape[1])
+
+    def finish(self, layer_idx: int, block_weights_b=None) -> None:
+        return None
+
+
+class LatentCache(DenseCache):
+    """One batch's latents, allocated once for `max_len` positions and indexed by position (gpt-fast style)."""
+
     def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32, layers=None):
         n_layers = layers if layers is not None else config.num_hidden_layers
         self.max_len = max_len
@@ -28,7 +130,7 @@ class LatentCache:
         start = self.lengths[layer_idx]
         end = start + kv_BTC.shape[1]
         if end > self.max_len:
-            raise ValueError(f"LatentCache is full: {end} positions needed, {self.max_len} allocated")
+            raise ValueError(f"the latent cache is full: {end} positions needed, {self.max_len} allocated")
         self.kv[layer_idx, :, start:end] = kv_BTC
         self.pe[layer_idx, :, start:end] = pe_BTR
         self.lengths[layer_idx] = end
@@ -42,9 +144,23 @@ class LatentCache:
         return self.kv.nbytes + self.pe.nbytes
 
 
-def cache_update(cache, kv_BTC: torch.Tensor, pe_BTR: torch.Tensor, layer_idx: int):
-    """Works for LatentCache and for transformers' Cache classes (latent stored as a one-head K/V pair)."""
-    if isinstance(cache, LatentCache) or not hasattr(cache, "layers"):
-        return cache.update(kv_BTC, pe_BTR, layer_idx)
-    kv, pe = cache.update(kv_BTC[:, None], pe_BTR[:, None], layer_idx)
-    return kv[:, 0], pe[:, 0]
+class TransformersCache(DenseCache):
+    """A transformers Cache (DynamicCache, ...) under the protocol: the latent is stored as a one-head K/V pair,
+    so GenerationMixin, its cache classes and its beam search work unchanged."""
+
+    def __init__(self, hf_cache):
+        self.hf_cache = hf_cache
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.hf_cache.get_seq_length(layer_idx)
+
+    def update(self, kv_BTC, pe_BTR, layer_idx: int):
+        kv, pe = self.hf_cache.update(kv_BTC[:, None], pe_BTR[:, None], layer_idx)
+        return kv[:, 0], pe[:, 0]
+
+
+def as_latent_cache(cache):
+    """The model's boundary: our caches pass through; a transformers Cache is wrapped once per forward."""
+    if cache is None or isinstance(cache, CacheProtocol):
+        return cache
+    return TransformersCache(cache)

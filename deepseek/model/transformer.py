@@ -12,6 +12,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .attention import MLAttention
+from .cache import as_latent_cache
 from .config import R1Config
 from .moe import Experts, MoE, Router
 from .norm import MLP, RMSNorm
@@ -35,24 +36,21 @@ class DecoderLayer(nn.Module):
 
 
 def build_mask(attention_mask, B: int, T: int, past: int, device) -> torch.Tensor | None:
-    """Boolean (B, T, S) mask, True = attend: causal from offset `past`, minus padded keys.
+    """Boolean (B, T, S) mask, True = attend: causal from offset `past`, minus padded keys; None without
+    padding (attention is then causal from offset S - T by construction, and a cache that bounds what a query
+    reads, like the compressed one at 128K, is never handed a T x S mask it would not use).
 
     A query always sees itself, so a fully padded row never turns into NaN that could leak through
-    masked-out values. Returns None for the two unpadded cases attention handles without a mask: one-token
-    decode (every cached key visible) and a causal block with no cache before it (SDPA's is_causal kernel,
-    much faster on CPU than an explicit boolean mask)."""
-    S = past + T
-    if attention_mask is None and (T == 1 or past == 0):
+    masked-out values."""
+    if attention_mask is None:
         return None
+    S = past + T
+    if attention_mask.shape[-1] != S:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S}")
     q_pos = torch.arange(past, S, device=device)[:, None]
     k_pos = torch.arange(S, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None].expand(B, T, S)
-    if attention_mask is not None:
-        if attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S}")
-        mask = mask & attention_mask[:, None, :].bool()
-        mask = mask | (k_pos == q_pos)[None]
-    return mask
+    mask = (k_pos <= q_pos)[None].expand(B, T, S) & attention_mask[:, None, :].bool()
+    return mask | (k_pos == q_pos)[None]
 
 
 class R1PreTrainedModel(PreTrainedModel):
@@ -99,20 +97,27 @@ class R1TextModel(R1PreTrainedModel):
         cache=None,
         inputs_embeds=None,
         use_cache=None,
+        mask=None,
         **kwargs,
     ):
         """Returns BaseModelOutputWithPast whose last_hidden_state is *after* the final norm and whose
-        hidden_states holds the pre-norm output (what multi-token prediction consumes)."""
+        hidden_states holds the pre-norm output (what multi-token prediction consumes).
+        cache: any cache of the latent-cache protocol (model/cache.py) or a transformers Cache.
+        mask: an explicit boolean attention mask instead of attention_mask (True = attend), (B, T, S) for every
+        layer or a list of one per layer."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x_BTD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x_BTD.shape
+        cache = as_latent_cache(cache)
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(T, device=x_BTD.device) + past)[None].expand(B, T)
         cos, sin = self.rotary_emb(position_ids, x_BTD.dtype)
-        mask_BTS = build_mask(attention_mask, B, T, past, x_BTD.device)
-        for layer in self.layers:
+        if mask is None:
+            mask = build_mask(attention_mask, B, T, past, x_BTD.device)
+        for i, layer in enumerate(self.layers):
+            mask_BTS = mask[i] if isinstance(mask, list | tuple) else mask
             if self.gradient_checkpointing and self.training:
                 x_BTD = torch.utils.checkpoint.checkpoint(
                     layer, x_BTD, cos, sin, mask_BTS, cache, use_reentrant=False

@@ -5,7 +5,8 @@ C kv_lora_rank, R qk_rope_head_dim.
 
 The pool holds only the MLA latent (C + R numbers per token per layer). The engine allocates a slot when a
 request starts and frees it when the request ends (finished, cancelled, timed out, disconnected). A step over
-some running sequences uses a view with the LatentCache interface (`update`, `get_seq_length`, `crop`):
+some running sequences uses a view under the latent-cache protocol (deepseek/model/cache.py; a dense cache:
+`update` stores and returns what to attend to, `get_seq_length`):
 - `PrefillView`: one sequence, T prompt tokens appended at its current length;
 - `DecodeView`: B sequences of different lengths, one new token each. `update` writes each row's token at
   that row's own length and returns a gathered (B, S, C) latent in which row b holds its cached positions
@@ -18,6 +19,8 @@ some running sequences uses a view with the LatentCache interface (`update`, `ge
 from __future__ import annotations
 
 import torch
+
+from ..model.cache import DenseCache
 
 
 class SlotCache:
@@ -61,7 +64,7 @@ class SlotCache:
         return DecodeView(self, slots)
 
 
-class PrefillView:
+class PrefillView(DenseCache):
     """One slot as a batch-1 LatentCache: appends T tokens after the slot's current length."""
 
     def __init__(self, pool: SlotCache, slot: int):
@@ -87,7 +90,7 @@ class PrefillView:
         self.pool.lengths[self.slot] = min(self.pool.lengths[self.slot], length)
 
 
-class DecodeView:
+class DecodeView(DenseCache):
     """B slots of different lengths, one new token each (see the module docstring for the layout)."""
 
     def __init__(self, pool: SlotCache, slots: list[int]):

@@ -43,8 +43,9 @@ import math
 
 import torch
 
+from ..cache import Attended, KeyGroup, LatentQuery
 from ..rope import rope_frequencies, rotate
-from .learned import block_summary, top_runs
+from .learned import block_summary, score_blocks, top_runs
 from .quant import Quantized, dequantize, quantize
 
 
@@ -83,8 +84,6 @@ class LayerStore:
 
 
 class CompressedLatentCache:
-    is_compressed = True
-
     def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32, layers=None,
                  host_device=None):  # fmt: skip
         n_layers = layers if layers is not None else config.num_hidden_layers
@@ -237,16 +236,12 @@ class CompressedLatentCache:
         Two summaries per block (mean, radius) instead of Quest's three (min, max, and a mean for coarse)."""
         st = self.store[layer_idx]
         n = st.n_blocks
-        if q_BXtHK.shape[2] > 1:  # a prefill tile selects with its mean query: cost O(X) not O(T) per block
+        if q_BXtHK.shape[2] > 1 or valid_Xt is not None:  # a prefill tile selects with its mean query: O(X)
             weight = valid_Xt if valid_Xt is not None else q_BXtHK.new_ones(q_BXtHK.shape[1:3])
             q_BXtHK = (q_BXtHK * weight[None, :, :, None, None]).sum(2, keepdim=True)
             q_BXtHK = q_BXtHK / weight.sum(1)[None, :, None, None, None]
-        mean = torch.einsum("bxthk,bnk->bxthn", q_BXtHK, st.kmean[:, :n])  # q . block mean
-        bound = mean + torch.einsum("bxthk,bnk->bxthn", q_BXtHK.abs(), st.kradius[:, :n])  # >= q . any key
-        importance = (bound * scale).softmax(-1, dtype=torch.float32)  # (B, X, t, H, n)
-        importance = importance + (mean * scale).softmax(-1, dtype=torch.float32)
-        importance = importance.sum((2, 3))  # (B, X, n)
-        return top_runs(importance, self.topk, self.span)
+        return top_runs(score_blocks(q_BXtHK[:, :, 0], st.kmean[:, :n], st.kradius[:, :n], scale), self.topk,
+                        self.span)  # fmt: skip
 
     def choose_blocks(self, q_BXtHK, layer_idx: int, scale: float, valid_Xt=None) -> torch.Tensor:
         """The blocks (B, X, k) each query tile reads: normally each layer's own select_blocks per tile.
@@ -269,109 +264,69 @@ class CompressedLatentCache:
             self.lead_idx = idx_BXk[:, -1:]
         return idx_BXk
 
-    def attend(self, attn, q_nope_BTHN, q_pe_BTHR, kv_BTC, pe_BTR, mask_BTS=None) -> torch.Tensor:
-        """MLAttention's compressed path: append the new latent, attend, seal. Returns (B, T, H, V)."""
+    def attended(self, layer_idx: int, kv_BTC, pe_BTR, query: LatentQuery, mask_BTS=None) -> Attended:
+        """Append the new latent, then say what each query tile attends to: sinks + selected blocks (branch 0),
+        coarse means of the other sealed blocks (branch 1, + log b), the causal recent window (branch 2)."""
         if mask_BTS is not None and not bool(mask_BTS[:, -1].all()):
             raise ValueError("CompressedLatentCache does not take padded batches; run rows of equal length")
-        layer = attn.layer_idx
-        H, N, C = attn.n_heads, attn.nope_dim, attn.kv_lora_rank
-        w = attn.kv_b_proj.weight.view(H, N + attn.v_dim, C)
-        w_uk_HNC, w_uv_HVC = w[:, :N], w[:, N:]
-        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
-        nsa = getattr(attn, "nsa", None)  # kv_learned: learned gates and block summaries (longctx/learned.py)
-        gates_BTH3 = None if nsa is None else nsa.gates(q_nope_BTHN)
-        self.append(kv_BTC, pe_BTR, layer)
-        out_lat_BTHC = self.attend_latent(q_lat_BTHC, q_pe_BTHR, layer, attn.scale, gates_BTH3)
-        self.seal(layer, None if nsa is None else nsa.block_weights(kv_BTC.dtype))
-        return torch.einsum("bthc,hvc->bthv", out_lat_BTHC, w_uv_HVC)
+        self.append(kv_BTC, pe_BTR, layer_idx)
+        return self.groups(query.lat_BTHC, query.pe_BTHR, layer_idx, query.scale)
 
-    def attend_latent(self, q_lat_BTHC, q_pe_BTHR, layer_idx: int, scale: float, gates_BTH3=None):
-        """Softmax over sinks + selected blocks + coarse block means + recent, jointly. Returns (B, T, H, C).
-        gates_BTH3: learned log-gates added to [sinks + selected, coarse, recent] scores (None = no gates)."""
+    def finish(self, layer_idx: int, block_weights_b: torch.Tensor | None = None) -> None:
+        """After the layer's attention: seal the blocks that have left the window."""
+        self.seal(layer_idx, block_weights_b)
+
+    def groups(self, q_lat_BTHC, q_pe_BTHR, layer_idx: int, scale: float) -> Attended:
+        """The key groups for T queries (tiles of t = min(T, b)) over what layer_idx holds now."""
         st = self.store[layer_idx]
         B, T, H, C = q_lat_BTHC.shape
         t = min(T, self.block)
         X = math.ceil(T / t)
         pad = X * t - T
-        def tiles(q_pe):  # (B, T, H, R) -> the (B, X, t, H, K) query, zero-padded to whole tiles
+        def tiles(q_pe):  # (B, T, H, R) -> the (B, X, t, H, K) selection query, zero-padded to whole tiles
             q_BTHK = torch.cat((q_lat_BTHC, q_pe), dim=-1)
             if pad:
                 q_BTHK = torch.cat((q_BTHK, q_BTHK.new_zeros(B, pad, H, q_BTHK.shape[-1])), dim=1)
             return q_BTHK.view(B, X, t, H, -1)
 
-        q_BXtHK = tiles(q_pe_BTHR)
-        q_sel_BXtHK = q_BXtHK  # selection query (summaries)
         r, b = st.recent_start, self.block
         k = min(self.topk, st.n_blocks)  # blocks each tile reads in full
-        if self.compact:  # slots: [means at r-(k+1)b-sinks][sinks at r-kb-sinks][selected at r-kb..r)
-            sel_start = r - k * b
+        sel_start = r - k * b  # compact slots: [means at r-(k+1)b-sinks][sinks at r-kb-sinks][selected at r-kb..r)
 
-            def place(pe, position):  # rope keys at relative positions -> at `position` + their offsets
-                return rotate(pe, torch.as_tensor(position, device=pe.device), self.inv_freq, self.interleave)
+        def place(pe, position):  # rope keys at relative positions -> at `position` + their offsets
+            return rotate(pe, torch.as_tensor(position, device=pe.device), self.inv_freq, self.interleave)
 
-            q_sel_BXtHK = tiles(place(q_pe_BTHR, -sel_start))  # summaries read as if in the first slot
-        scores, values = [], []  # scores (B, H, X, t, S_part); values: (shared (B,S,C) or per tile (B,X,S,C))
-        if gates_BTH3 is not None:  # (B, H, X, t, 3) log-gates per query and branch
-            g = torch.cat((gates_BTH3, gates_BTH3.new_zeros(B, pad, H, 3)), 1) if pad else gates_BTH3
-            g_BHXt3 = g.view(B, X, t, H, 3).permute(0, 3, 1, 2, 4)
-
-        def gated(s, branch: int):  # branch 0: sinks + selected blocks, 1: coarse means, 2: recent
-            return s if gates_BTH3 is None else s + g_BHXt3[..., branch : branch + 1]
-
-        def shared(q, kv_BSC, pe_BSR):
-            k_BSK = torch.cat((kv_BSC, pe_BSR), dim=-1)
-            return torch.einsum("bxthk,bsk->bhxts", q, k_BSK) * scale
-
+        out = Attended(tile=t)
         if st.sink_filled:
             kv, pe = st.sink_kv[:, : st.sink_filled], st.sink_pe[:, : st.sink_filled]
             if self.compact:  # stored at true positions 0.. (= block-relative)
                 pe = place(pe, sel_start - st.sink_filled)
-            scores.append(gated(shared(q_BXtHK, kv, pe), 0))
-            values.append(("shared", kv))
+            out.groups.append(KeyGroup(kv, pe, branch=0))
         if st.n_blocks:
             valid = None
             if pad:
                 valid = (torch.arange(X * t, device=q_lat_BTHC.device) < T).to(q_lat_BTHC.dtype).view(X, t)
+            q_sel_BXtHK = tiles(place(q_pe_BTHR, -sel_start) if self.compact else q_pe_BTHR)  # summaries: 1st slot
             idx_BXk = self.choose_blocks(q_sel_BXtHK, layer_idx, scale, valid)
             if self.compact:  # in order, each to its slot
                 idx_BXk = idx_BXk.sort(-1).values
             kv, pe = self.fetch(layer_idx, idx_BXk)  # (B, X, k*b, C), (B, X, k*b, R)
             if self.compact:
                 pe = place(pe, sel_start + b * torch.arange(k, device=pe.device).repeat_interleave(b))
-            k_BXSK = torch.cat((kv, pe), dim=-1)
-            scores.append(gated(torch.einsum("bxthk,bxsk->bhxts", q_BXtHK, k_BXSK) * scale, 0))
-            values.append(("tiled", kv))
+            out.groups.append(KeyGroup(kv, pe, branch=0))
             if self.coarse and st.n_blocks > idx_BXk.shape[-1]:
-                mean_BnK = st.kmean[:, : st.n_blocks]
+                lat, pe = st.kmean[:, : st.n_blocks].split([C, self.R], dim=-1)
                 if self.compact:
-                    lat, pe = mean_BnK.split([C, self.R], dim=-1)
-                    mean_BnK = torch.cat((lat, place(pe, sel_start - st.sink_filled - b)), dim=-1)
-                s = torch.einsum("bxthk,bnk->bhxtn", q_BXtHK, mean_BnK) * scale + math.log(self.block)
-                s = gated(s, 1)
-                chosen_BXn = torch.zeros(B, X, st.n_blocks, dtype=torch.bool, device=s.device)
+                    pe = place(pe, sel_start - st.sink_filled - b)
+                chosen_BXn = torch.zeros(B, X, st.n_blocks, dtype=torch.bool, device=lat.device)
                 chosen_BXn.scatter_(2, idx_BXk, True)
-                s.masked_fill_(chosen_BXn[:, None, :, None, :], float("-inf"))
-                scores.append(s)
-                values.append(("shared", mean_BnK[..., :C]))
+                out.groups.append(KeyGroup(lat, pe, ~chosen_BXn[:, :, None, :], math.log(b), branch=1))
         n = st.length - st.recent_start
         kv, pe = st.recent_kv[:, :n], st.recent_pe[:, :n]
-        s = gated(shared(q_BXtHK, kv, pe), 2)
-        q_pos = torch.arange(st.length - T, st.length - T + X * t, device=s.device).view(X, t, 1)
-        k_pos = torch.arange(st.recent_start, st.length, device=s.device)
-        scores.append(s.masked_fill_(k_pos > q_pos, float("-inf")))
-        values.append(("shared", kv))
-
-        probs = torch.cat(scores, dim=-1).softmax(dim=-1, dtype=torch.float32).to(q_lat_BTHC.dtype)
-        out_BXtHC = q_lat_BTHC.new_zeros(B, X, t, H, C)
-        offset = 0
-        for s, (kind, v) in zip(scores, values):
-            p = probs[..., offset : offset + s.shape[-1]]
-            offset += s.shape[-1]
-            if kind == "shared":
-                out_BXtHC += torch.einsum("bhxts,bsc->bxthc", p, v)
-            else:
-                out_BXtHC += torch.einsum("bhxts,bxsc->bxthc", p, v)
-        return out_BXtHC.flatten(1, 2)[:, :T]
+        q_pos = torch.arange(st.length - T, st.length - T + X * t, device=kv.device).view(X, t, 1)
+        k_pos = torch.arange(st.recent_start, st.length, device=kv.device)
+        out.groups.append(KeyGroup(kv, pe, (k_pos <= q_pos)[None], branch=2))
+        return out
 
     # ------------------------------------------------------------------ accounting
     def memory(self) -> dict:

@@ -16,7 +16,7 @@ With `R1Config.kv_learned=True` every MLAttention holds `nsa = NSAParams(config)
 
 `compressed_attention` is the training path: for a whole sequence it computes, per tile of b queries, what
 `chunked_prefill(model, ids, CompressedLatentCache(...), chunk=kv_block_size)` computes with kv_quant_bits=0
-(the reference path, CompressedLatentCache.attend_latent; equal within 1e-5, tested): sinks, the blocks
+(the reference path, CompressedLatentCache.groups; equal within 1e-5, tested): sinks, the blocks
 sealed when the tile arrives (whole blocks that have left the window), top-k of them chosen with the tile's
 mean query (indices without gradient, scores with), coarse means of the unselected sealed blocks, the causal
 recent region.
@@ -29,6 +29,8 @@ import math
 
 import torch
 from torch import nn
+
+from ..cache import Attended, KeyGroup
 
 
 class NSAParams(nn.Module):
@@ -122,11 +124,27 @@ def top_runs(importance_BXn: torch.Tensor, k: int, span: int = 1) -> torch.Tenso
     return (importance_BXn + chosen_BXn * bonus).topk(k, dim=-1).indices
 
 
+def score_blocks(q_BXHK, mean_BnK, radius_BnK, scale: float, available_Xn=None) -> torch.Tensor:
+    """Importance (B, X, n) of each sealed block for each tile's (mean) query, summed over heads: softmax over
+    blocks of a Quest-style upper bound of q . key, q . mean + |q| . radius (catches a single sharp key when
+    keys concentrate on few channels), plus softmax of q . mean (NSA's compressed attention; catches a sharp key
+    when the bound is loose, as for near-isotropic latents). available_Xn (X, n) bool: blocks a tile may choose
+    (None: all); the others get -inf. The one scoring both CompressedLatentCache and the training path use."""
+    mean = torch.einsum("bxhk,bnk->bxhn", q_BXHK, mean_BnK)  # q . block mean
+    bound = mean + torch.einsum("bxhk,bnk->bxhn", q_BXHK.abs(), radius_BnK)  # >= q . any key of the block
+    if available_Xn is None:
+        importance = (bound * scale).softmax(-1, dtype=torch.float32)
+        return (importance + (mean * scale).softmax(-1, dtype=torch.float32)).sum(2)
+    off = ~available_Xn[None, :, None, :]
+    importance = (bound * scale).masked_fill(off, float("-inf")).softmax(-1, dtype=torch.float32)
+    importance = importance + (mean * scale).masked_fill(off, float("-inf")).softmax(-1, dtype=torch.float32)
+    return importance.nan_to_num(0.0).sum(2).masked_fill(~available_Xn[None], float("-inf"))
+
+
 @torch.no_grad()
 def select_blocks(q_BTHK, mean_BnK, radius_BnK, available_Xn, config, scale: float) -> torch.Tensor:
-    """Top-k sealed blocks per tile, as CompressedLatentCache.select_blocks scores them with the tile's mean
-    query: softmax over the available blocks of q . mean + |q| . radius, plus softmax of q . mean, summed over
-    heads. Returns chosen (B, X, n) bool (no gradient: the indices are a hard choice)."""
+    """Top-k sealed blocks per tile of b queries, chosen with the tile's mean query (score_blocks). Returns
+    chosen (B, X, n) bool (no gradient: the indices are a hard choice)."""
     B, T, H, K = q_BTHK.shape
     b = config.kv_block_size
     X, n = available_Xn.shape
@@ -134,42 +152,27 @@ def select_blocks(q_BTHK, mean_BnK, radius_BnK, available_Xn, config, scale: flo
     valid_Xt = (torch.arange(X * b, device=q_BTHK.device) < T).to(q_BTHK.dtype).view(X, b)
     q_BXtHK = torch.cat((q_BTHK, q_BTHK.new_zeros(B, pad, H, K)), 1).view(B, X, b, H, K)
     q_BXHK = (q_BXtHK * valid_Xt[None, :, :, None, None]).sum(2) / valid_Xt.sum(1)[None, :, None, None]
-    mean = torch.einsum("bxhk,bnk->bxhn", q_BXHK, mean_BnK)
-    bound = mean + torch.einsum("bxhk,bnk->bxhn", q_BXHK.abs(), radius_BnK)
-    off = ~available_Xn[None, :, None, :]
-    importance = (bound * scale).masked_fill(off, float("-inf")).softmax(-1, dtype=torch.float32)
-    importance = importance + (mean * scale).masked_fill(off, float("-inf")).softmax(-1, dtype=torch.float32)
-    importance = importance.nan_to_num(0.0).sum(2).masked_fill(~available_Xn[None], float("-inf"))  # (B, X, n)
-    idx_BXk = top_runs(importance, config.kv_topk_blocks, getattr(config, "kv_select_span", 1))
+    importance = score_blocks(q_BXHK, mean_BnK, radius_BnK, scale, available_Xn)
+    idx_BXk = top_runs(importance, config.kv_topk_blocks, config.kv_select_span)
     chosen_BXn = torch.zeros(B, X, n, dtype=torch.bool, device=q_BTHK.device).scatter_(2, idx_BXk, True)
     return chosen_BXn & available_Xn[None]
 
 
 # ---------------------------------------------------------------------- the training path
-def compressed_attention(attn, q_nope_BTHN, q_pe_BTHR, kv_BTC, pe_BTR, mask_BTS=None, config=None):
-    """Differentiable whole-sequence attention with the compressed cache's semantics (module docstring).
-    Returns (B, T, H, V). Uses attn.nsa (learned summaries and gates) when present; config defaults to
-    attn.nsa.config."""
+def compressed_pattern(query, kv_BTC, pe_BTR, mask_BTS, nsa) -> Attended:
+    """The compressed cache's attention pattern over a whole sequence (module docstring), as key groups for
+    MLAttention: sinks + selected blocks (branch 0), the causal recent region (branch 2), coarse means of the
+    unselected sealed blocks (branch 1). Differentiable except for the block choice. config = nsa.config."""
+    config = nsa.config
     if mask_BTS is not None and not bool(mask_BTS[:, -1].all()):
         raise ValueError("compressed_attention does not take padded batches; run rows of equal length")
-    nsa = getattr(attn, "nsa", None)
-    config = config or getattr(nsa, "config", None)
-    if config is None:
-        raise ValueError("compressed_attention needs config= when the attention has no nsa parameters")
-    if getattr(config, "kv_compact_positions", False):
+    if config.kv_compact_positions:
         raise ValueError("compressed_attention (kv_learned training) models exact positions; set "
                          "kv_compact_positions=False to train, it can be switched on again for inference")  # fmt: skip
-    B, T, H, N = q_nope_BTHN.shape
-    C, b, scale = attn.kv_lora_rank, config.kv_block_size, attn.scale
-    w = attn.kv_b_proj.weight.view(H, N + attn.v_dim, C)
-    w_uk_HNC, w_uv_HVC = w[:, :N], w[:, N:]
-    q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
-    q_BTHK = torch.cat((q_lat_BTHC, q_pe_BTHR), dim=-1)
+    B, T, H, _ = query.nope_BTHN.shape
+    C, b, scale = kv_BTC.shape[-1], config.kv_block_size, query.scale
+    q_BTHK = torch.cat((query.lat_BTHC, query.pe_BTHR), dim=-1)
     k_BTK = torch.cat((kv_BTC, pe_BTR), dim=-1)
-    g_BHT3 = None if nsa is None else nsa.gates(q_nope_BTHN).transpose(1, 2)  # (B, H, T, 3)
-
-    # token-level scores: sinks + selected blocks (branch 0) and the causal recent region (branch 2)
-    scores_BHTS = torch.einsum("bthk,bsk->bhts", q_BTHK, k_BTK) * scale
     sealed_end_X, sink_end_X = tile_layout(T, config, q_BTHK.device)
     pos = torch.arange(T, device=q_BTHK.device)
     tile_T = pos // b
@@ -179,30 +182,17 @@ def compressed_attention(attn, q_nope_BTHN, q_pe_BTHR, kv_BTC, pe_BTR, mask_BTS=
     full_BTS = sink_TS[None].expand(B, T, T)
     coarse = None
     if n:
-        weights = None if nsa is None else nsa.block_weights(k_BTK.dtype)
-        mean_BnK, radius_BnK = block_summary(k_BTK[:, : n * b].unflatten(1, (n, b)), weights)
+        mean_BnK, radius_BnK = block_summary(k_BTK[:, : n * b].unflatten(1, (n, b)), nsa.block_weights(k_BTK.dtype))
         available_Xn = available_blocks(T, config, q_BTHK.device)
         chosen_BXn = select_blocks(q_BTHK.detach(), mean_BnK.detach(), radius_BnK.detach(), available_Xn,
                                    config, scale)  # fmt: skip
         block_S = (pos // b).clamp(max=n)  # the trailing partial block (index n) is never sealed
         chosen_BXS = torch.cat((chosen_BXn, chosen_BXn.new_zeros(B, chosen_BXn.shape[1], 1)), 2)
-        chosen_BXS = chosen_BXS[:, :, block_S]
-        full_BTS = full_BTS | chosen_BXS[:, tile_T]
+        full_BTS = full_BTS | chosen_BXS[:, :, block_S][:, tile_T]
         if config.kv_coarse:
             coarse_BTn = (available_Xn[None] & ~chosen_BXn)[:, tile_T]
-            s_BHTn = torch.einsum("bthk,bnk->bhtn", q_BTHK, mean_BnK) * scale + math.log(b)
-            if g_BHT3 is not None:
-                s_BHTn = s_BHTn + g_BHT3[..., 1:2]
-            coarse = (s_BHTn.masked_fill(~coarse_BTn[:, None], float("-inf")), mean_BnK[..., :C])
-    selected_BHTS = scores_BHTS if g_BHT3 is None else scores_BHTS + g_BHT3[..., 0:1]
-    recent_BHTS = scores_BHTS if g_BHT3 is None else scores_BHTS + g_BHT3[..., 2:3]
-    tok_BHTS = torch.where(full_BTS[:, None], selected_BHTS,
-                           recent_BHTS.masked_fill(~recent_TS, float("-inf")))  # fmt: skip
-
-    # one joint softmax over tokens and coarse block means; the latent is the value
-    parts = [tok_BHTS] if coarse is None else [tok_BHTS, coarse[0]]
-    probs = torch.cat(parts, dim=-1).softmax(dim=-1, dtype=torch.float32).to(q_BTHK.dtype)
-    out_lat_BTHC = torch.einsum("bhts,bsc->bthc", probs[..., :T], kv_BTC)
-    if coarse is not None:
-        out_lat_BTHC = out_lat_BTHC + torch.einsum("bhtn,bnc->bthc", probs[..., T:], coarse[1])
-    return torch.einsum("bthc,hvc->bthv", out_lat_BTHC, w_uv_HVC)
+            lat, pe = mean_BnK.split([C, mean_BnK.shape[-1] - C], dim=-1)
+            coarse = KeyGroup(lat, pe, coarse_BTn[:, None], math.log(b), branch=1)
+    groups = [KeyGroup(kv_BTC, pe_BTR, full_BTS[:, None], branch=0),
+              KeyGroup(kv_BTC, pe_BTR, (recent_TS[None] & ~full_BTS)[:, None], branch=2)]  # fmt: skip
+    return Attended(groups + ([coarse] if coarse is not None else []))

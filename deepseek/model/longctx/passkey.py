@@ -160,7 +160,7 @@ def essay_ids(length: int, seed: int = 0, tok=BYTES) -> torch.Tensor:
 def long_perplexity(model, ids_T: torch.Tensor, compressed: bool, chunk: int = 512, skip: int = 0) -> float:
     """Teacher-forced perplexity of ids (T,) fed chunk by chunk through the full or compressed cache, over the
     positions >= skip (e.g. beyond the window, where the two caches differ)."""
-    from .prefill import backbone, make_cache
+    from .prefill import make_cache
 
     ids = ids_T[None]
     cache = make_cache(model.config, 1, ids.shape[1], compressed=compressed)
@@ -168,7 +168,7 @@ def long_perplexity(model, ids_T: torch.Tensor, compressed: bool, chunk: int = 5
     for s in range(0, ids.shape[1] - 1, chunk):
         x = ids[:, s : s + chunk]
         pos = torch.arange(s, s + x.shape[1])[None]
-        logits = model.lm_head(backbone(model, x, pos, cache))[0]  # (t, V)
+        logits = model.lm_head(model.model(input_ids=x, position_ids=pos, cache=cache).last_hidden_state)[0]
         target = ids[0, s + 1 : s + 1 + x.shape[1]]
         keep = torch.arange(s, s + target.numel()) >= skip
         lp = logits[: target.numel()].float().log_softmax(-1).gather(1, target[:, None])[:, 0]

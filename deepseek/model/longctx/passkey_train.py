@@ -30,7 +30,6 @@ from .passkey import (
     passkey_sample,
     small_config,
 )
-from .prefill import backbone
 
 # The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
 # 2 read per query tile as one run of 2 consecutive blocks (a needle cut at a block boundary is read whole),
@@ -168,7 +167,9 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
 def masked_logits(model, ids_BT, position_ids_BT, mask) -> torch.Tensor:
     """model(ids).logits with an explicit boolean attention mask (True = attend): (B, T, V). mask is (B, T, T)
     for every layer, or (B, 2, T, T): [:, 0] for the first layer, [:, 1] for the others."""
-    return model.lm_head(backbone(model, ids_BT, position_ids_BT, mask=mask))
+    if mask.dim() == 4:  # (B, 2, T, T): the first layer's mask, then the others'
+        mask = [mask[:, 0]] + [mask[:, 1]] * (len(model.model.layers) - 1)
+    return model.lm_head(model.model(input_ids=ids_BT, position_ids=position_ids_BT, mask=mask).last_hidden_state)
 
 
 def deepen(model, layers: int):

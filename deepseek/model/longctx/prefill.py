@@ -51,12 +51,12 @@ def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress:
     for s in range(0, T, chunk):
         ids = input_ids[:, s : s + chunk]
         pos = torch.arange(past + s, past + s + ids.shape[1], device=ids.device)[None].expand(B, -1)
-        h = backbone(model, ids, pos + start_position, cache)
+        h = model.model(input_ids=ids, position_ids=pos + start_position, cache=cache).last_hidden_state
         bar.update(ids.shape[1])
     bar.close()
     if refresh is None:
-        refresh = getattr(model.config, "kv_refresh_recent", False)
-    if refresh and getattr(cache, "is_compressed", False):
+        refresh = model.config.kv_refresh_recent
+    if refresh and isinstance(cache, CompressedLatentCache):
         fresh = refresh_recent(model, input_ids, cache, past, start_position)
         h = h if fresh is None else fresh
     return model.lm_head(h[:, -1])
@@ -78,25 +78,9 @@ def refresh_recent(model, input_ids, cache, past: int = 0, start_position: int =
     pos = torch.arange(r, past + T, device=ids.device)[None].expand(B, -1)
     cache.one_selection = True
     try:
-        return backbone(model, ids, pos + start_position, cache)
+        return model.model(input_ids=ids, position_ids=pos + start_position, cache=cache).last_hidden_state
     finally:
         cache.one_selection = False
-
-
-def backbone(model, ids_BT, position_ids_BT, cache=None, mask=None) -> torch.Tensor:
-    """model.model(...).last_hidden_state, minus the causal (B, T, S) mask when the cache is compressed: that
-    cache masks its own recent region, and at 128K one chunk's mask is 134M booleans built for nothing.
-    mask: an explicit boolean attention mask instead (True = attend), (B, T, S) for every layer or
-    (B, 2, T, S) with [:, 0] for the first layer and [:, 1] for the others."""
-    if mask is None and not getattr(cache, "is_compressed", False):
-        return model.model(input_ids=ids_BT, position_ids=position_ids_BT, cache=cache).last_hidden_state
-    bb = model.model
-    x_BTD = bb.embed_tokens(ids_BT)
-    cos, sin = bb.rotary_emb(position_ids_BT, x_BTD.dtype)
-    for i, layer in enumerate(bb.layers):
-        mask_BTS = mask if mask is None or mask.dim() == 3 else mask[:, min(i, 1)]
-        x_BTD = layer(x_BTD, cos, sin, mask_BTS, cache)
-    return bb.norm(x_BTD)
 
 
 @dataclass
