@@ -2,16 +2,43 @@
 
     from deepseek import R1Model
     model = R1Model.from_pretrained("deepseek/r1-base")
+
+Importing `deepseek` is cheap (no torch, no transformers), so `deepseek --help` answers at once. The model
+classes load on first access (`deepseek.R1Model`, `from deepseek import R1Config`), which also registers
+them with transformers' AutoConfig / AutoModelForCausalLM (model_type `deepseek_r1`).
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from __future__ import annotations
 
-from .model import LatentCache, R1Config, R1ForCausalLM, R1TextModel
-
-R1Model = R1ForCausalLM  # the SDK name used by the source document
-
-AutoConfig.register(R1Config.model_type, R1Config, exist_ok=True)
-AutoModelForCausalLM.register(R1Config, R1ForCausalLM, exist_ok=True)
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["LatentCache", "R1Config", "R1ForCausalLM", "R1Model", "R1TextModel", "__version__"]
+
+# public name -> attribute of deepseek.model (R1Model is the SDK name used by the source document)
+MODEL_NAMES = {"LatentCache": "LatentCache", "R1Config": "R1Config", "R1ForCausalLM": "R1ForCausalLM",
+               "R1Model": "R1ForCausalLM", "R1TextModel": "R1TextModel"}  # fmt: skip
+
+
+def register_auto_classes() -> None:
+    """Make transformers' AutoConfig / AutoModelForCausalLM resolve `deepseek_r1` configs (idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model import R1Config, R1ForCausalLM
+
+    AutoConfig.register(R1Config.model_type, R1Config, exist_ok=True)
+    AutoModelForCausalLM.register(R1Config, R1ForCausalLM, exist_ok=True)
+
+
+def __getattr__(name: str):
+    if name not in MODEL_NAMES:
+        raise AttributeError(f"module 'deepseek' has no attribute {name!r}")
+    model = importlib.import_module(".model", __name__)
+    register_auto_classes()
+    for public, attr in MODEL_NAMES.items():  # cache them all: later accesses skip __getattr__
+        globals()[public] = getattr(model, attr)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -94,10 +94,10 @@ def test_inputs_files_folders_and_errors(tmp_path):
 
 
 def test_cli_train(tmp_path, capsys):
-    from deepseek import cli_tokenizer
+    from deepseek.cli import tokenizer as tokenizer_command
 
     parser = argparse.ArgumentParser()
-    cli_tokenizer.add_parser(parser.add_subparsers(dest="command"))
+    tokenizer_command.add_parser(parser.add_subparsers(dest="command"))
     (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     args = parser.parse_args(["tokenizer", "train", str(tmp_path / "c.txt"), "--out", str(tmp_path / "t"),
                               "--vocab-size", "290"])  # fmt: skip

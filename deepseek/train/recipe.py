@@ -2,7 +2,10 @@
 
     deepseek recipe r1-tiny --out runs/r1-tiny            # all stages; a finished stage is skipped on rerun
     deepseek recipe r1-tiny --out runs/r1-tiny --stages tokenizer,pretrain,sft
-    python -m deepseek.train.recipe --out runs/r1-tiny    # the same without the CLI
+    deepseek recipe r1-tiny --out runs/r1-tiny --bundle   # then copy the models into deepseek/bundled
+
+From Python: `run_recipe(recipe("r1-tiny", out_dir=...), stages)`, then `bundle_outputs(record, "r1-tiny")`
+(what `deepseek recipe` calls; deepseek/cli/recipe.py only parses the arguments).
 
 Stages and what they leave under <out>:
     tokenizer/   byte-level BPE (1K vocab, one token per digit) trained on task text + prose
@@ -23,7 +26,6 @@ group-limited routing, auxiliary-loss-free bias balancing), one MTP module.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -39,10 +41,17 @@ SFT_STAGES = ("sft", "sft2", "sft3", "sft4")  # in order; each starts from the l
 def latest_sft(outputs: dict, before: str | None = None) -> str:
     """The last finished SFT stage (before `before`, if given)."""
     stages = SFT_STAGES[: SFT_STAGES.index(before)] if before else SFT_STAGES
-    return next(s for s in reversed(stages) if s in outputs)
+    found = next((s for s in reversed(stages) if s in outputs), None)
+    if found is None:
+        raise ValueError(f"no finished SFT stage ({', '.join(stages)}) in this run; run the sft stage first")
+    return found
 
 
-IGNORE = -100
+def stage_input(outputs: dict, needed: str, stage: str) -> Path:
+    """The output folder of an earlier stage that `stage` starts from; a clear error when it never ran."""
+    if needed not in outputs:
+        raise ValueError(f"recipe stage {stage} starts from the {needed} stage, which has not run in this folder")
+    return Path(outputs[needed])
 
 
 def r1_tiny_model() -> dict:
@@ -317,13 +326,14 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES) -> dict:
         print(f"[recipe] {name}: {result} ({record['seconds'][name]:.0f} s)", flush=True)
         return result
 
-    tok = timed("tokenizer", run_tokenizer, cfg, out) if "tokenizer" in stages else Path(outputs["tokenizer"])
+    if "tokenizer" in stages:
+        timed("tokenizer", run_tokenizer, cfg, out)
     if "pretrain" in stages:
-        timed("pretrain", run_pretrain, cfg, out, tok)
+        timed("pretrain", run_pretrain, cfg, out, stage_input(outputs, "tokenizer", "pretrain"))
     if "sft" in stages:
-        timed("sft", run_sft, cfg, out, Path(outputs["pretrain"]))
+        timed("sft", run_sft, cfg, out, stage_input(outputs, "pretrain", "sft"))
     if "sft2" in stages and cfg.sft2_steps:
-        timed("sft2", run_sft2, cfg, out, Path(outputs["sft"]))
+        timed("sft2", run_sft2, cfg, out, stage_input(outputs, "sft", "sft2"))
     if "sft3" in stages and cfg.sft3_steps:
         timed("sft3", run_sft3, cfg, out, Path(outputs[latest_sft(outputs, "sft3")]))
     if "sft4" in stages and cfg.sft4_steps:
@@ -333,39 +343,6 @@ def run_recipe(cfg: RecipeConfig, stages=STAGES) -> dict:
     record["total_seconds"] = sum(record["seconds"].values())
     times_path.write_text(json.dumps(record, indent=2))
     return record
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Run the r1-tiny recipe.")
-    parser.add_argument("name", nargs="?", default="r1-tiny")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--stages", default=",".join(STAGES))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 on a busy CPU)")
-    parser.add_argument("--bundle", action="store_true", help="copy sft -> deepseek/r1-base, grpo -> deepseek/r1-tiny")
-    return run_cli(parser.parse_args(argv))
-
-
-def run_cli(args) -> int:
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    cfg = recipe(args.name, **({"out_dir": args.out} if args.out else {}))  # validates before any work
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    record = run_recipe(cfg, stages)
-    if args.bundle:
-        outputs = record["outputs"]
-        note = {"recipe": args.name, "seconds": record["seconds"], "total_seconds": record.get("total_seconds")}
-        base = latest_sft(outputs)
-        for stage, name in ((base, "r1-base"), ("grpo", "r1-tiny")):
-            if stage in outputs:
-                print(f"[recipe] bundled {bundle(outputs[stage], name, note=dict(note, stage=stage))}", flush=True)
-    print(json.dumps(record))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 # ---------------------------------------------------------------------------- bundling
@@ -395,3 +372,15 @@ def bundle(model_dir, name: str, bundled_dir=None, note: dict | None = None) -> 
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return dst
+
+
+def bundle_outputs(record: dict, recipe_name: str, bundled_dir=None) -> dict[str, Path]:
+    """Bundle a run's models: its last SFT stage as `deepseek/r1-base`, its GRPO model as `deepseek/r1-tiny`.
+    record: what run_recipe returned (or the run's recipe.json). Returns {bundled name: folder}."""
+    outputs = record["outputs"]
+    note = {"recipe": recipe_name, "seconds": record["seconds"], "total_seconds": record.get("total_seconds")}
+    plan = [(latest_sft(outputs), "r1-base")] if any(s in outputs for s in SFT_STAGES) else []
+    plan += [("grpo", "r1-tiny")] if "grpo" in outputs else []
+    if not plan:
+        raise ValueError("nothing to bundle: the run has no finished SFT or GRPO stage")
+    return {name: bundle(outputs[stage], name, bundled_dir, note=dict(note, stage=stage)) for stage, name in plan}

@@ -42,7 +42,7 @@ def load_tokens(model_name: str, data: str, n_tokens: int, seq_len: int = 512):
     import torch
     from transformers import AutoTokenizer
 
-    from .compat.checkpoint import resolve
+    from deepseek.compat.checkpoint import resolve
 
     if n_tokens <= 0:
         raise ValueError(f"--tokens must be positive, got {n_tokens}")
@@ -63,7 +63,7 @@ def load_tokens(model_name: str, data: str, n_tokens: int, seq_len: int = 512):
 def print_stats(model, ids) -> dict:
     import torch
 
-    from .model import routing
+    from deepseek.model import routing
 
     stats = routing.track_routing(model)
     with torch.inference_mode():
@@ -80,8 +80,8 @@ def print_stats(model, ids) -> dict:
 
 
 def run_calibrate(args) -> int:
-    from .model import routing
-    from .model.transformer import R1ForCausalLM
+    from deepseek.model import routing
+    from deepseek.model.transformer import R1ForCausalLM
 
     path, ids = load_tokens(args.model, args.data, args.tokens)
     model = R1ForCausalLM.from_pretrained(path)
@@ -101,8 +101,8 @@ def run_calibrate(args) -> int:
 
 
 def run_stats(args) -> int:
-    from .model import routing
-    from .model.transformer import R1ForCausalLM
+    from deepseek.model import routing
+    from deepseek.model.transformer import R1ForCausalLM
 
     path, ids = load_tokens(args.model, args.data, args.tokens)
     model = R1ForCausalLM.from_pretrained(path)

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
 def run_train(args) -> int:
     from pathlib import Path
 
-    from .tokenizer import default_corpus, train_tokenizer
+    from deepseek.tokenizer import default_corpus, train_tokenizer
 
     for item in args.inputs:  # check inputs before any work
         if not Path(item).exists():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from .chat import ChatSession
+from deepseek.chat import ChatSession
 
 HELP = "commands: /reset (clear the conversation), /exit (quit); Ctrl-C stops a reply, Ctrl-D quits"
 
@@ -37,7 +37,7 @@ def run(args) -> int:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
-    from .loading import load_model_and_tokenizer
+    from deepseek.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model, device=args.device)
     color = {"auto": None, "always": True, "never": False}[args.color]

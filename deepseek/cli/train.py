@@ -3,23 +3,19 @@
     deepseek train --preset debug --data corpus.txt --tokenizer runs/tok --out runs/debug
     deepseek train --preset sft --init-from runs/pretrain/checkpoints/step_002000 --data task:addition@2000
     deepseek train --config runs/x/train_config.json --set max_steps=500 lr=1e-3 model.num_hidden_layers=4
-    deepseek train --recipe r1-tiny [--stages tokenizer,pretrain,sft,grpo] [--bundle]  # = deepseek recipe r1-tiny
     torchrun --nproc_per_node 2 -m deepseek.cli train --preset debug --data corpus.txt --set parallel=fsdp
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="pretrain or fine-tune (SFT) a model; torchrun for several processes",
-                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", choices=["r1-tiny", "debug"],
-                   help="run a whole recipe (tokenizer, pretrain, SFT, GRPO) instead of one stage")
-    p.add_argument("--stages", default=None, help="with --recipe: comma-separated subset of the stages")
-    p.add_argument("--threads", type=int, default=0, help="with --recipe: torch threads (1 on a busy CPU)")
-    p.add_argument("--bundle", action="store_true", help="with --recipe: bundle r1-base / r1-tiny at the end")
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="debug", help="debug | tiny | sft (see deepseek/train/config.py)")
     p.add_argument("--config", help="a train_config.json to start from instead of a preset")
     p.add_argument("--data", help="file, folder, dataset name, or task:NAME[,NAME]@N")
@@ -37,14 +33,6 @@ def run(args) -> int:
     from deepseek.train.config import TrainConfig, apply_overrides, preset
     from deepseek.train.trainer import train
 
-    if args.recipe:
-        from argparse import Namespace
-
-        from deepseek.train.recipe import STAGES, run_cli
-
-        return run_cli(Namespace(name=args.recipe, out=args.out, stages=args.stages or ",".join(STAGES),
-                                 threads=args.threads, bundle=args.bundle))  # fmt: skip
-
     config = TrainConfig.load(args.config) if args.config else preset(args.preset)
     items = list(args.set)
     for flag, key in (("data", "data"), ("val_data", "val_data"), ("tokenizer", "tokenizer"),
@@ -54,7 +42,7 @@ def run(args) -> int:
             items.append(f"{key}={json.dumps(value) if isinstance(value, int) else value}")
     config = apply_overrides(config, items)
     metrics = train(config)
-    if metrics["world_size"] > 1 and __import__("os").environ.get("RANK", "0") != "0":
+    if metrics["world_size"] > 1 and os.environ.get("RANK", "0") != "0":
         return 0
     summary = {k: v for k, v in metrics.items() if k != "losses"}
     print(f"{'steps':<20}{summary['steps']}")

@@ -1,0 +1,42 @@
+"""The `deepseek` command. Each subcommand lives in its own module exposing `add_parser(subparsers)`, which
+registers the parser and sets `func`; this file only lists them.
+
+    deepseek --help ; deepseek <command> --help ; python -m deepseek.cli <command> ...
+
+Building the parser imports no torch or transformers (so `--help` answers at once): a command imports what it
+needs inside its run function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = [  # each module's add_parser(subparsers) registers its subcommand(s)
+    "deepseek.cli.generate",
+    "deepseek.cli.train",
+    "deepseek.cli.eval",
+    "deepseek.cli.tokenizer",
+    "deepseek.cli_serve",  # serve, keys, usage: still at the package root (moves into this package later)
+    "deepseek.cli.recipe",
+    "deepseek.cli.chat",
+    "deepseek.cli.routing",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepseek", description="DeepSeek-R1: train, evaluate, chat, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+        print(f"deepseek {args.command}: error: {exc}", file=sys.stderr)
+        return 2
