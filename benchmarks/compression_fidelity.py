@@ -79,15 +79,15 @@ def heldout_chats(tokenizer, rows: int, seed: int) -> list[torch.Tensor]:
 
 
 def passkey_run(model, tokenizer, examples, overrides, max_new: int) -> list[tuple[bool, str]]:
-    from deepseek.eval.tasks import prompt_ids
-    from deepseek.model.longctx import generate_long
+    from deepseek.chat import chat_prompt_ids
+    from deepseek.generation.loop import generate_long
     from deepseek.tasks import get_task
 
     grader = get_task("passkey")
     compressed = apply(model.config, overrides)
     out = []
     for ex in examples:
-        ids = torch.tensor([prompt_ids(tokenizer, ex)])
+        ids = torch.tensor([chat_prompt_ids(tokenizer, ex)])
         gen = generate_long(model, ids, max_new_tokens=max_new, compressed=compressed,
                             stop_ids=(tokenizer.eos_token_id,))  # fmt: skip
         text = tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
@@ -104,7 +104,8 @@ def perplexity_run(model, rows, overrides, skip: int) -> float:
 
 
 def main():
-    from deepseek.eval.tasks import load_model_and_tokenizer, prompt_ids
+    from deepseek.chat import chat_prompt_ids
+    from deepseek.loading import load_model_and_tokenizer
     from deepseek.tasks import get_task
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -132,7 +133,7 @@ def main():
         examples = task.generate(args.prompts, seed=args.seed, difficulty=d)
         full = passkey_run(model, tokenizer, examples, None, args.max_new)
         acc_full = sum(h for h, _ in full) / len(full)
-        tokens = len(prompt_ids(tokenizer, examples[0]))
+        tokens = len(chat_prompt_ids(tokenizer, examples[0]))
         rows.append((f"passkey {d} (~{tokens} tok)", "full cache", f"{acc_full:.1%}", "-"))
         result[f"passkey{d}_full"] = round(acc_full, 4)
         for name in names:

@@ -4,7 +4,7 @@
     python benchmarks/decode.py --quick         # smaller, for a smoke run
 
 Prints a table, then one JSON line. Both models are fp32 on CPU; transformers runs its own `generate` with
-its DynamicCache and eager attention; ours runs deepseek.model.generate on the static latent cache.
+its DynamicCache and eager attention; ours runs deepseek.generation.loop on the static latent cache.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from deepseek import R1Config, R1ForCausalLM
+from deepseek.generation.loop import decode_one_token, generate, prefill
 from deepseek.model.cache import LatentCache
-from deepseek.model.generate import decode_one_token, generate, prefill, prepare_for_decode
+from deepseek.model.layout import prepare_for_decode
 
 
 def bench_config() -> R1Config:

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from deepseek import R1Config, R1ForCausalLM
+from deepseek.generation.loop import generate
 from deepseek.model import routing
-from deepseek.model.generate import generate
 from deepseek.tasks import get_task
 from deepseek.train.config import TrainConfig
 from deepseek.train.trainer import TokenBatches, train

@@ -21,7 +21,7 @@ def load_model_and_tokenizer(name_or_path, *, tokenizer=None, device: str = "cpu
     from transformers import AutoTokenizer
 
     from .compat.checkpoint import resolve
-    from .model.generate import prepare_for_decode
+    from .model.layout import prepare_for_decode
     from .model.quant import quantize_int8
     from .model.transformer import R1ForCausalLM
 

@@ -8,16 +8,10 @@ import math
 import pytest
 import torch
 
+from deepseek.generation.loop import generate, generate_long
 from deepseek.model.attention import attend_latent
 from deepseek.model.cache import LatentCache
-from deepseek.model.generate import generate
-from deepseek.model.longctx import (
-    CompressedLatentCache,
-    chunked_prefill,
-    extend_context,
-    generate_long,
-    make_cache,
-)
+from deepseek.model.longctx import CompressedLatentCache, chunked_prefill, extend_context, make_cache
 from deepseek.model.longctx.quant import dequantize, dequantize_reference, quantize
 from tests.helpers import one_thread, random_model, tiny_config  # noqa: F401 (fixture)
 

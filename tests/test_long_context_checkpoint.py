@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from deepseek.eval.tasks import load_model_and_tokenizer, prompt_ids
-from deepseek.model.longctx import generate_long
+from deepseek.chat import chat_prompt_ids
+from deepseek.generation.loop import generate_long
+from deepseek.loading import load_model_and_tokenizer
 from deepseek.model.longctx.passkey import long_perplexity
 from deepseek.tasks import get_task
 from tests.helpers import one_thread  # noqa: F401 (fixture)
@@ -30,7 +31,7 @@ def answers(model, tok, examples, settings):
             setattr(model.config, k, v)
     out = []
     for ex in examples:
-        ids = torch.tensor([prompt_ids(tok, ex)])
+        ids = torch.tensor([chat_prompt_ids(tok, ex)])
         gen = generate_long(model, ids, max_new_tokens=80, compressed=settings is not None, stop_ids=(tok.eos_token_id,))
         out.append(tok.decode(gen.tokens[0], skip_special_tokens=True))
     return out
@@ -40,7 +41,7 @@ def test_r1_tiny_retrieves_through_the_compressed_cache_as_through_the_full_one(
     model, tok = r1_tiny
     task = get_task("passkey")
     examples = task.generate(6, seed=777, difficulty=128)  # 164-token prompts: ~7 sealed 16-token blocks
-    assert len(prompt_ids(tok, examples[0])) > 150
+    assert len(chat_prompt_ids(tok, examples[0])) > 150
     full = answers(model, tok, examples, None)
     hits = [task.grade(ex, a) == 1.0 for ex, a in zip(examples, full)]
     assert sum(hits) >= 4  # the full cache retrieves (r1-tiny trained on ~100-token passkeys: 18/20 here)

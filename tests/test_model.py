@@ -2,8 +2,8 @@ import pytest
 import torch
 from helpers import random_model, tiny_config
 
+from deepseek.generation.loop import generate
 from deepseek.model.cache import LatentCache
-from deepseek.model.generate import generate
 from deepseek.model.moe import experts_grouped, experts_reference
 
 
@@ -103,7 +103,7 @@ def test_bad_generate_input_is_rejected_before_work():
 
 
 def test_prepare_for_decode_keeps_outputs_and_saved_weights():
-    from deepseek.model.generate import prepare_for_decode
+    from deepseek.model.layout import prepare_for_decode
 
     model = random_model(tiny_config())
     ids = torch.randint(3, model.config.vocab_size, (2, 6))

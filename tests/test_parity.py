@@ -6,7 +6,7 @@ from helpers import random_model, tiny_config, to_transformers
 from transformers import DeepseekV3ForCausalLM
 
 from deepseek import R1ForCausalLM
-from deepseek.model.generate import generate
+from deepseek.generation.loop import generate
 
 CONFIGS = {
     "q_lora+groups": dict(),

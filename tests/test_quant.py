@@ -1,7 +1,7 @@
 import torch
 from helpers import random_model, tiny_config
 
-from deepseek.model.generate import generate
+from deepseek.generation.loop import generate
 from deepseek.model.quant import Int8Experts, Int8Linear, quantize_int8
 
 

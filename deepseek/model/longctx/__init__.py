@@ -7,9 +7,9 @@ and optionally held in host memory; plus chunked prefill with bounded memory and
 
 from .cache import CompressedLatentCache
 from .learned import NSAParams, compressed_pattern, enable_learned, nsa_parameters
-from .prefill import chunked_prefill, extend_context, generate_long, make_cache
+from .prefill import chunked_prefill, extend_context, make_cache
 from .quant import dequantize, quantize
 
 __all__ = ["CompressedLatentCache", "NSAParams", "chunked_prefill", "compressed_pattern", "dequantize",
-           "enable_learned", "extend_context", "generate_long", "make_cache", "nsa_parameters",
+           "enable_learned", "extend_context", "make_cache", "nsa_parameters",
            "quantize"]  # fmt: skip

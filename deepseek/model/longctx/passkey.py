@@ -118,19 +118,15 @@ def small_config(**kw):
 def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1, tok=BYTES) -> dict:
     """One greedy retrieval: a fresh prompt of `length` bytes (from Random(seed)) through the full or the
     compressed cache. Returns {"hit", "answer", "key"}."""
-    from .prefill import chunked_prefill, make_cache
+    from deepseek.generation.loop import generate
+
+    from .prefill import make_cache
 
     prompt, key = passkey_sample(random.Random(seed), length, keys, tok)
     ids = prompt[None]
     cache = make_cache(model.config, 1, ids.shape[1] + len(key) + 1, compressed=compressed)
-    logits = chunked_prefill(model, ids, cache, chunk=model.config.prefill_chunk if compressed else 256)
-    out = []
-    for i in range(len(key)):
-        next_id = logits.argmax(-1)
-        out.append(int(next_id))
-        pos = torch.tensor([[ids.shape[1] + i]])
-        h = model.model(input_ids=next_id[:, None], position_ids=pos, cache=cache).last_hidden_state
-        logits = model.lm_head(h[:, -1])
+    chunk = model.config.prefill_chunk if compressed else 256
+    out = generate(model, ids, max_new_tokens=len(key), cache=cache, prefill_chunk=chunk).new_tokens[0]
     answer = tok.decode(out)
     return {"hit": answer == key, "answer": answer, "key": key}
 

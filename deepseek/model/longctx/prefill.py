@@ -4,7 +4,7 @@ Legend: B batch, T prompt tokens, V vocab.
 
     cache = make_cache(model.config, batch=1, max_len=T + 64)        # compressed when config.kv_compress
     logits_BV = chunked_prefill(model, ids_BT, cache)                 # chunks of config.prefill_chunk tokens
-    out = generate_long(model, ids_BT, max_new_tokens=8)              # both, then greedy decode
+    out = generate(model, ids_BT, cache=cache, prefill_chunk=1024)     # both, then decode (deepseek.generation)
 
 Activation memory per chunk is O(chunk * attended) instead of O(T^2): with the compressed cache the attended
 set per query tile is bounded (sinks + top-k blocks + block means + window), so peak memory grows only with
@@ -12,9 +12,6 @@ the cache itself.
 """
 
 from __future__ import annotations
-
-import time
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -81,38 +78,6 @@ def refresh_recent(model, input_ids, cache, past: int = 0, start_position: int =
         return model.model(input_ids=ids, position_ids=pos + start_position, cache=cache).last_hidden_state
     finally:
         cache.one_selection = False
-
-
-@dataclass
-class LongGenerateOutput:
-    tokens: torch.Tensor  # (B, n) generated tokens
-    prefill_seconds: float
-    decode_seconds_per_token: float
-    cache: object
-
-
-@torch.inference_mode()
-def generate_long(model, input_ids, max_new_tokens: int = 16, compressed: bool | None = None,
-                  chunk: int | None = None, progress: bool = False, stop_ids=()) -> LongGenerateOutput:  # fmt: skip
-    """Greedy generation after a chunked prefill, on the cache the config (or `compressed`) asks for."""
-    B, T = input_ids.shape
-    dtype = next(model.parameters()).dtype
-    cache = make_cache(model.config, B, T + max_new_tokens, compressed, input_ids.device, dtype)
-    t0 = time.perf_counter()
-    logits = chunked_prefill(model, input_ids, cache, chunk, progress)
-    t1 = time.perf_counter()
-    out = []
-    for i in range(max_new_tokens):
-        tok = logits.argmax(-1)
-        out.append(tok)
-        if i == max_new_tokens - 1 or (B == 1 and int(tok) in stop_ids):
-            break
-        pos = torch.full((B, 1), T + i, device=input_ids.device)
-        h = model.model(input_ids=tok[:, None], position_ids=pos, cache=cache).last_hidden_state
-        logits = model.lm_head(h[:, -1])
-    t2 = time.perf_counter()
-    steps = max(1, len(out) - 1)
-    return LongGenerateOutput(torch.stack(out, 1), t1 - t0, (t2 - t1) / steps, cache)
 
 
 def extend_context(model, max_len: int, original: int | None = None) -> None:

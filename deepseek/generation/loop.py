@@ -1,7 +1,13 @@
-"""Fast batched generation on the static latent cache: prefill, decode_one_token, generate.
+"""The generation loop: prefill, decode_one_token, sampling, stops, streaming, on any latent cache.
 
 Legend: B batch, T prompt tokens, S cached positions, V vocab.
 
+    out = generate(model, ids_BT, mask_BT, max_new_tokens=64, eos_token_id=eos)            # static latent cache
+    out = generate(model, ids_1T, cache=CompressedLatentCache(cfg, 1, T + 64), prefill_chunk=1024)   # 128K
+    out.sequences, out.new_tokens, out.finish_reasons, out.decode_tokens_per_second
+
+Every caller generates through this loop: `R1Model.generate` (deepseek/sdk.py), chat, evaluation, GRPO
+rollouts, long-context evaluation. The serving engine shares its `sample` and schedules its own batches.
 Prompts are left-padded; positions count real tokens only (as transformers' generate does). Decode steps use
 the absorbed MLA form, so each step reads the C + R latent per cached position and the active experts only.
 """
@@ -14,23 +20,36 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation.sampling import sample
-from .cache import LatentCache
+from ..model.cache import LatentCache
+from ..model.longctx.prefill import chunked_prefill
+from .sampling import sample
 
 
 @dataclass
 class GenerateOutput:
-    sequences: torch.Tensor  # (B, T + n): prompt (left-padded) followed by the generated tokens
+    sequences: torch.Tensor  # (B, T + n): prompt (left-padded), generated tokens, pad after a row's stop token
     new_tokens: list[list[int]]  # per row, generated tokens up to and including the stop token
-    finish_reasons: list[str]  # "stop" (eos) or "length"
+    finish_reasons: list[str]  # "stop" (eos), "length" or "cancelled" (on_token asked to stop)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    cache: object = None
     stats: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_second(self) -> float:
         n = sum(len(t) for t in self.new_tokens)
         return n / self.decode_seconds if self.decode_seconds > 0 else float("inf")
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(B, n): the generated part of `sequences`."""
+        n = max(len(t) for t in self.new_tokens)
+        return self.sequences[:, self.sequences.shape[1] - n :]
+
+    @property
+    def decode_seconds_per_token(self) -> float:
+        steps = max(1, max(len(t) for t in self.new_tokens) - 1)
+        return self.decode_seconds / steps
 
 
 def prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
@@ -45,6 +64,12 @@ def decode_one_token(model, token_B, attention_mask, position_B, cache) -> torch
     return model.lm_head(out.last_hidden_state[:, -1])
 
 
+def _stop_ids(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    return {eos_token_id} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id}
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -57,9 +82,16 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     seed: int | None = None,
     on_token: Callable[[int, torch.Tensor], bool | None] | None = None,
+    cache=None,
+    prefill_chunk: int | None = None,
+    pad_token_id: int | None = None,
+    progress: bool = False,
 ) -> GenerateOutput:
     """Generate up to max_new_tokens per row. `on_token(step, tokens_B)` is called after every step (for
-    streaming); returning True stops generation (e.g. Ctrl-C or a disconnected client)."""
+    streaming); returning True stops generation (e.g. Ctrl-C or a disconnected client).
+    cache: the latent cache to fill (default: a static LatentCache for T + max_new_tokens positions).
+    prefill_chunk: feed the prompt that many tokens at a time (bounded memory; the compressed cache).
+    pad_token_id: what a finished row holds in `sequences` after its stop token (default: the first eos)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -70,18 +102,25 @@ def generate(
     if T + max_new_tokens > limit and model.config.rope_parameters["rope_type"] == "default":
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the context ({limit})")
     padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded and prefill_chunk is not None:
+        raise ValueError("chunked prefill takes rows of equal length (no left padding)")
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    eos = _stop_ids(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else min(eos, default=0)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    cache = LatentCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
+    if cache is None:
+        dtype = next(model.parameters()).dtype
+        cache = LatentCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
 
     t0 = time.perf_counter()
-    logits = prefill(model, input_ids, attention_mask if padded else None, position_ids, cache)
+    if prefill_chunk is not None:
+        logits = chunked_prefill(model, input_ids, cache, prefill_chunk, progress)
+    else:
+        logits = prefill(model, input_ids, attention_mask if padded else None, position_ids, cache)
     t1 = time.perf_counter()
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
@@ -91,6 +130,7 @@ def generate(
     mask = attention_mask
     for step in range(max_new_tokens):
         token = sample(logits, temperature, top_p, top_k, generator)
+        token = token.masked_fill(done, pad)  # a finished row holds pad (transformers' convention)
         tokens_out.append(token)
         token_list = token.tolist()
         for b in range(B):
@@ -99,8 +139,9 @@ def generate(
                 if token_list[b] in eos:
                     finish[b] = "stop"
         if eos:
-            done |= torch.tensor([t in eos for t in token_list], device=device)
+            done |= torch.tensor([f == "stop" for f in finish], device=device)
         if on_token is not None and on_token(step, token):
+            finish = [f if f == "stop" else "cancelled" for f in finish]
             break
         if bool(done.all()) or step == max_new_tokens - 1:
             break
@@ -110,26 +151,17 @@ def generate(
         logits = decode_one_token(model, token, mask if padded else None, position, cache)
     t2 = time.perf_counter()
     gen = torch.stack(tokens_out, dim=1) if tokens_out else input_ids.new_zeros(B, 0)
-    return GenerateOutput(torch.cat((input_ids, gen), dim=1), new_tokens, finish, t1 - t0, t2 - t1)
+    return GenerateOutput(torch.cat((input_ids, gen), dim=1), new_tokens, finish, t1 - t0, t2 - t1, cache)
 
 
-def prepare_for_decode(model) -> None:
-    """Store every Linear weight (and each routed expert's matrices) column-major: same values and shapes,
-    transposed strides.
+def generate_long(model, input_ids, max_new_tokens: int = 16, compressed: bool | None = None,
+                  chunk: int | None = None, progress: bool = False, stop_ids=()) -> GenerateOutput:  # fmt: skip
+    """Greedy generation after a chunked prefill (config.prefill_chunk), on the cache the config asks for
+    (compressed when config.kv_compress, or as `compressed` says)."""
+    from ..model.longctx.prefill import make_cache
 
-    One-token decode is a matrix-vector product; on CPU BLAS it runs ~1.5-3x faster reading W^T row by row
-    than W. The parameters stay ordinary nn.Linear weights (training, saving and LoRA are unaffected; saving
-    writes them contiguous). Idempotent; costs one copy of each weight, once."""
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith("kv_b_proj") or (tied and name == "lm_head"):
-                continue  # kv_b_proj is read by the absorbed einsums; a tied head shares the embedding
-            w = getattr(module, "weight", None)
-            if isinstance(module, torch.nn.Linear) and w is not None and w.dim() == 2 and w.is_contiguous():
-                module.weight = torch.nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
-            for stack in ("gate_up_proj", "down_proj"):  # routed experts: grouped matmul reads (E, D, F) rows
-                p = getattr(module, stack, None)
-                if isinstance(p, torch.nn.Parameter) and p.dim() == 3 and p.is_contiguous():
-                    setattr(module, stack, torch.nn.Parameter(p.transpose(1, 2).contiguous().transpose(1, 2),
-                                                              requires_grad=p.requires_grad))  # fmt: skip
+    B, T = input_ids.shape
+    dtype = next(model.parameters()).dtype
+    cache = make_cache(model.config, B, T + max_new_tokens, compressed, input_ids.device, dtype)
+    return generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), cache=cache,
+                    prefill_chunk=chunk or model.config.prefill_chunk, progress=progress)  # fmt: skip
