@@ -15,28 +15,29 @@ import importlib
 __version__ = "0.1.0"
 __all__ = ["LatentCache", "R1Config", "R1ForCausalLM", "R1Model", "R1TextModel", "__version__"]
 
-# public name -> attribute of deepseek.model (R1Model is the SDK name used by the source document)
-MODEL_NAMES = {"LatentCache": "LatentCache", "R1Config": "R1Config", "R1ForCausalLM": "R1ForCausalLM",
-               "R1Model": "R1ForCausalLM", "R1TextModel": "R1TextModel"}  # fmt: skip
+# public name -> (module, attribute); R1Model is the SDK class the source document names (deepseek/sdk.py)
+MODEL_NAMES = {"LatentCache": (".model", "LatentCache"), "R1Config": (".model", "R1Config"),
+               "R1ForCausalLM": (".model", "R1ForCausalLM"), "R1TextModel": (".model", "R1TextModel"),
+               "R1Model": (".sdk", "R1Model")}  # fmt: skip
 
 
 def register_auto_classes() -> None:
     """Make transformers' AutoConfig / AutoModelForCausalLM resolve `deepseek_r1` configs (idempotent)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .model import R1Config, R1ForCausalLM
+    from .model import R1Config
+    from .sdk import R1Model
 
     AutoConfig.register(R1Config.model_type, R1Config, exist_ok=True)
-    AutoModelForCausalLM.register(R1Config, R1ForCausalLM, exist_ok=True)
+    AutoModelForCausalLM.register(R1Config, R1Model, exist_ok=True)
 
 
 def __getattr__(name: str):
     if name not in MODEL_NAMES:
         raise AttributeError(f"module 'deepseek' has no attribute {name!r}")
-    model = importlib.import_module(".model", __name__)
     register_auto_classes()
-    for public, attr in MODEL_NAMES.items():  # cache them all: later accesses skip __getattr__
-        globals()[public] = getattr(model, attr)
+    for public, (module, attr) in MODEL_NAMES.items():  # cache them all: later accesses skip __getattr__
+        globals()[public] = getattr(importlib.import_module(module, __name__), attr)
     return globals()[name]
 
 

@@ -23,7 +23,7 @@ def load_model_and_tokenizer(name_or_path, *, tokenizer=None, device: str = "cpu
     from .compat.checkpoint import resolve
     from .model.layout import prepare_for_decode
     from .model.quant import quantize_int8
-    from .model.transformer import R1ForCausalLM
+    from .sdk import R1Model
 
     path = resolve(name_or_path)
     tok_dir = Path(tokenizer) if tokenizer else path
@@ -31,7 +31,7 @@ def load_model_and_tokenizer(name_or_path, *, tokenizer=None, device: str = "cpu
         raise FileNotFoundError(f"{tok_dir} has no tokenizer (tokenizer.json); save one next to the model "
                                 "or pass --tokenizer <folder>")  # fmt: skip
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    model = R1ForCausalLM.from_pretrained(path, device=device, dtype=dtype).eval()
+    model = R1Model.from_pretrained(path, device=device, dtype=dtype).eval()
     if len(tok) > model.config.vocab_size:
         raise ValueError(f"{path}: tokenizer has {len(tok)} tokens but the model's vocab is {model.config.vocab_size}")
     if int8:

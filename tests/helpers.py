@@ -25,9 +25,9 @@ def tiny_config(q_lora: bool = True, groups: bool = True, yarn: bool = False, **
     return R1Config(**kw)
 
 
-def random_model(config: R1Config, seed: int = 0) -> R1ForCausalLM:
+def random_model(config: R1Config, seed: int = 0, cls=R1ForCausalLM) -> R1ForCausalLM:
     torch.manual_seed(seed)
-    model = R1ForCausalLM(config).eval()
+    model = cls(config).eval()
     with torch.no_grad():  # make routing and biases non-trivial
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

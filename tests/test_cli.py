@@ -60,14 +60,17 @@ assert "deepseek.model" not in sys.modules
 from deepseek import R1Model
 from transformers import AutoConfig, AutoModelForCausalLM
 from deepseek.model import R1Config, R1ForCausalLM
-assert R1Model is R1ForCausalLM is deepseek.R1ForCausalLM and deepseek.R1Config is R1Config
+assert issubclass(R1Model, R1ForCausalLM) and R1ForCausalLM is deepseek.R1ForCausalLM and deepseek.R1Config is R1Config
 config = AutoConfig.for_model("deepseek_r1", vocab_size=64, hidden_size=32, intermediate_size=64,
     moe_intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=16, q_lora_rank=None,
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
     n_group=1, topk_group=1)
 print(type(config).__name__, type(AutoModelForCausalLM.from_config(config)).__name__)
 """
-    assert python(code).split() == ["R1Config", "R1ForCausalLM"]
+    assert python(code).split() == ["R1Config", "R1Model"]  # the SDK class: fast generate, finetune
+    # loading a checkpoint (or its tokenizer, through the one loader) registers them too
+    code = "import deepseek.compat.checkpoint\nfrom transformers import AutoConfig\nprint(type(AutoConfig.for_model('deepseek_r1')).__name__)"
+    assert python(code).strip() == "R1Config"
     with pytest.raises(AttributeError, match="no attribute 'R2Model'"):
         import deepseek
 

@@ -1,4 +1,5 @@
-"""The DeepSeek-V3/R1 decoder: R1TextModel (backbone) and R1ForCausalLM (also exported as R1Model).
+"""The DeepSeek-V3/R1 decoder: R1TextModel (backbone) and R1ForCausalLM (the SDK's R1Model adds fine-tuning
+and fast generation on top: deepseek/sdk.py).
 
 Legend: B batch, T new tokens, S attended positions, D hidden, V vocab.
 """
@@ -178,12 +179,6 @@ class R1ForCausalLM(R1PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
-
-    def finetune(self, dataset, epochs: int = 1, **kwargs) -> dict:
-        """LoRA (default) or full fine-tuning on a path / dataset name / datasets.Dataset; see deepseek.train.finetune."""
-        from ..train.finetune import finetune
-
-        return finetune(self, dataset, epochs=epochs, **kwargs)
 
     def forward(
         self,
