@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
+import signal
 
 DEFAULT_DB = os.environ.get("DEEPSEEK_DB", "sqlite:///deepseek-serve.db")
 
@@ -37,6 +39,14 @@ def add_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="on SIGTERM / Ctrl-C: seconds open requests may finish before they are cancelled")  # fmt: skip
+    p.add_argument("--db-wait", type=float, default=5.0,
+                   help="seconds a request waits for a locked / unreachable database before a 503")  # fmt: skip
+    p.add_argument("--checkpoint-interval", type=float, default=1.0,
+                   help="seconds between writes of open requests' token counts (and revocation checks)")  # fmt: skip
+    p.add_argument("--reconcile-after", type=float, default=10.0,
+                   help="an open usage row not checkpointed this long (its server died) is marked incomplete")  # fmt: skip
     p.set_defaults(func=run_serve)
 
     k = sub.add_parser("keys", help="manage API keys (create, list, revoke)")
@@ -66,23 +76,34 @@ def run_serve(args) -> int:
     from .serve.billing import Billing
     from .serve.engine import Engine, EngineConfig
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     auth = {"on": True, "off": False, "auto": not is_loopback(args.host)}[args.auth]
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
                           max_model_len=args.max_model_len, default_timeout_s=args.timeout)  # fmt: skip
-    billing = Billing(args.db)  # fails fast on a bad URL, before the model loads
+    billing = Billing(args.db, wait_s=args.db_wait)  # fails fast on a bad URL, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(args.model, config)
-    app = create_app(engine, billing, auth=auth, request_timeout_s=args.timeout)
+    usage = {"checkpoint_s": args.checkpoint_interval, "reconcile_after_s": args.reconcile_after}
+    app = create_app(engine, billing, auth=auth, request_timeout_s=args.timeout, usage=usage)
+    writer = app.state.server.writer
     print(f"serving {engine.model_name} on http://{args.host}:{args.port} (auth {'on' if auth else 'off'}, "
-          f"db {billing.dialect}, {config.max_running} slots x {engine.max_model_len} tokens)")  # fmt: skip
+          f"db {billing.dialect}, {config.max_running} slots x {engine.max_model_len} tokens, "
+          f"{len(writer.reconciled)} open usage rows reconciled as incomplete)", flush=True)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.grace))  # fmt: skip
+    # uvicorn drains (stops accepting, lets open responses finish for --grace seconds), then re-raises the signal
+    # that stopped it; with SIGTERM's default action that would kill the process before the flush below
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        server.run()
     finally:
-        engine.close()  # finishes what runs as cancelled, so every request still gets its usage row
-        if app.state.server.writer:
-            app.state.server.writer.flush()
-    return 0
+        engine.close()  # finishes what still runs as cancelled, so every request still gets its usage row
+        flushed = writer.close(timeout=max(args.grace, 5.0))
+        signal.signal(signal.SIGTERM, previous)
+    print(f"stopped; usage rows {'all written' if flushed else 'NOT all written (see the errors above)'}",
+          flush=True)  # fmt: skip
+    return 0 if flushed else 1
 
 
 def run_keys(args) -> int:

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from test_serve_support import Postgres, postgres_bin
 
 from deepseek.cli import main
-from deepseek.serve.billing import AuthError, Billing, RateLimiter, Tier, hash_key
+from deepseek.serve.billing import AuthError, Billing, Tier, hash_key
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def db(request, tmp_path):
 
 
 def test_migrations_apply_once_and_record_versions(db):
-    assert db.schema_version() == 2
+    assert db.schema_version() == 3
     assert db.migrate() == []  # a second start (another replica) applies nothing
     with db.engine.connect() as conn:
         names = set(sa.inspect(conn).get_table_names())
@@ -97,19 +97,28 @@ def test_concurrent_writers_never_double_count(db):
     assert db.get_key(key.id).spent_usd == pytest.approx(20 * 200 / 1000 * 0.0008)
 
 
-def test_rate_limiter_rpm_and_tpm():
-    tier = Tier("t", 0.001, rpm=3, tpm=500)
-    rl = RateLimiter()
-    for _ in range(3):
-        rl.check_and_count(1, tier, now=100.0)
-    with pytest.raises(AuthError, match="3 requests per minute") as e:
-        rl.check_and_count(1, tier, now=100.5)
-    assert e.value.status == 429
-    rl.check_and_count(2, tier, now=100.5)  # other keys are independent
-    rl.check_and_count(1, tier, now=161.0)  # the window moved on
-    rl.add_tokens(2, 600, now=101.0)
-    with pytest.raises(AuthError, match="tokens per minute"):
-        rl.check_and_count(2, tier, now=102.0)
+def test_admission_enforces_rpm_and_tpm_from_the_usage_rows(tmp_path):
+    """RPM counts admitted requests of the last 60 s; TPM counts reserved tokens of open requests and actual
+    tokens of finished ones, and refuses before the window would be exceeded."""
+    tiers = {"basic": Tier("basic", 0.001, rpm=3, tpm=500)}
+    db = Billing(f"sqlite:///{tmp_path / 'rl.db'}", tiers=tiers)
+    _, a = db.create_key("a")
+    _, b = db.create_key("b")
+    db.admit("r1", a.id, "m", "basic", prompt_tokens=10, reserve_tokens=210)
+    db.admit("r2", a.id, "m", "basic", prompt_tokens=10, reserve_tokens=210)
+    with pytest.raises(AuthError, match="tokens per minute") as e:  # 420 reserved + 210 > 500
+        db.admit("r3", a.id, "m", "basic", prompt_tokens=10, reserve_tokens=210)
+    assert e.value.status == 429 and e.value.code == "rate_limit_exceeded"
+    db.record_usage("r1", a.id, "m", 10, 5, 0, 1.0, "ok", tier="basic")  # settled: 15 tokens count, not 210
+    db.admit("r3", a.id, "m", "basic", prompt_tokens=10, reserve_tokens=210)
+    with pytest.raises(AuthError, match="3 requests per minute"):
+        db.admit("r4", a.id, "m", "basic", prompt_tokens=1, reserve_tokens=2)
+    db.admit("r5", b.id, "m", "basic", prompt_tokens=1, reserve_tokens=2)  # other keys are independent
+    assert {r["request_id"] for r in db.usage_records()} == {"r1", "r2", "r3", "r5"}  # refusals leave nothing
+    with db.engine.begin() as conn:  # the window moves on
+        conn.execute(sa.text("UPDATE usage SET created_at = created_at - 61"))
+    db.admit("r4", a.id, "m", "basic", prompt_tokens=1, reserve_tokens=2)
+    db.close()
 
 
 def test_bad_database_url_is_one_clear_error():
@@ -167,6 +176,7 @@ def test_http_server_meters_into_postgresql(pg_url, tmp_path):
             app.state.server.writer.flush()
     finally:
         model.close()
+        app.state.server.writer.close()
     (row,) = billing.usage_records(key.id)
     assert row["request_id"] == chunks[0].id and row["completion_tokens"] == chunks[-1].usage.completion_tokens
     assert billing.get_key(key.id).spent_usd == pytest.approx(chunks[-1].usage.total_tokens / 1000 * 0.001)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .billing import AuthError, Billing, RateLimiter, Tier, default_tiers
+from .billing import AuthError, Billing, Tier, default_tiers
 from .engine import Engine, QueueFull
 from .loading import chat_prompt_ids
 from .metering import Metrics, RequestRecord, UsageWriter
@@ -44,14 +45,14 @@ class Caller:
 class Server:
     """State shared by the routes (no module-level globals)."""
 
-    def __init__(self, engine: Engine, billing: Billing | None, auth: bool, request_timeout_s: float | None):
+    def __init__(self, engine: Engine, billing: Billing | None, auth: bool, request_timeout_s: float | None,
+                 usage: dict | None = None):  # fmt: skip
         if auth and billing is None:
             raise ValueError("authentication needs a billing database (pass billing=Billing(url))")
         self.engine, self.billing, self.auth = engine, billing, auth
         self.tiers = billing.tiers if billing else default_tiers()
-        self.limiter = RateLimiter()
         self.metrics = Metrics()
-        self.writer = UsageWriter(billing) if billing else None
+        self.writer = UsageWriter(billing, cancel=engine.cancel, **(usage or {})) if billing else None
         self.request_timeout_s = request_timeout_s
 
     def caller(self, request: Request) -> Caller:
@@ -60,12 +61,21 @@ class Server:
         header = request.headers.get("authorization", "")
         secret = header[7:].strip() if header.lower().startswith("bearer ") else None
         try:
-            key = self.billing.authenticate(secret)
-            tier = self.tiers[key.tier]
-            self.limiter.check_and_count(key.id, tier)
+            key = self.billing.authenticate(secret, check_budget=False)  # budget, RPM, TPM: at admission
         except AuthError as exc:
             raise APIError(exc.status, str(exc), exc.code) from None
-        return Caller(key.id, tier)
+        return Caller(key.id, self.tiers[key.tier])
+
+    async def admit(self, record: RequestRecord, prompt_tokens: int, reserve_tokens: int) -> None:
+        """Reserve the request's maximum cost and write its `started` row (429 / 503 when refused).
+        prompt_tokens: each distinct prompt once; reserve_tokens: that plus every sequence's max_tokens."""
+        record.prompt_tokens = prompt_tokens
+        if self.writer is None:
+            return
+        try:
+            await run_in_threadpool(self.writer.admit, record, prompt_tokens, reserve_tokens)
+        except AuthError as exc:
+            raise APIError(exc.status, str(exc), exc.code) from None
 
     def check_model(self, name: str) -> None:
         if name not in (self.engine.model_name, "default"):
@@ -95,7 +105,7 @@ class Server:
         """Submit every sequence; returns (asyncio queue of (index, Output), sequences)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        seqs = []
+        seqs = record.seqs  # the record reads token counts from them (checkpoints) and stops them (revocation)
 
         def listener_for(i):
             def listener(out: Output):
@@ -120,8 +130,9 @@ class Server:
 
 
 def create_app(engine: Engine, billing: Billing | None = None, auth: bool = False,
-               request_timeout_s: float | None = 600.0) -> FastAPI:  # fmt: skip
-    server = Server(engine, billing, auth, request_timeout_s)
+               request_timeout_s: float | None = 600.0, usage: dict | None = None) -> FastAPI:  # fmt: skip
+    """usage: UsageWriter options (checkpoint_s, reconcile_after_s, retry_s, confirm_s)."""
+    server = Server(engine, billing, auth, request_timeout_s, usage)
     app = FastAPI(title="DeepSeek-R1 OpenAI-compatible API", version="1.0")
     app.state.server = server
 
@@ -192,8 +203,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request, who: Caller = Depends(caller)):
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        record = RequestRecord(rid, "chat", req.model, who.key_id, who.tier, req.n, server.writer,
-                               server.metrics, server.limiter)  # fmt: skip
+        record = RequestRecord(rid, "chat", req.model, who.key_id, who.tier, req.n, server.writer, server.metrics)
         try:
             server.check_model(req.model)
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -202,10 +212,12 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
             params = server.params(req, max_tokens, len(ids), logprobs=0 if req.logprobs else None)
             params_n = [_seeded(params, req.seed, i) for i in range(req.n)]
+            await server.admit(record, len(ids), len(ids) + req.n * max_tokens)
             q, seqs = server.start(record, [ids] * req.n, params_n)
         except APIError:
             record.pending = 0
             record.finish("rejected")
+            await record.wait_written()
             raise
         created = int(time.time())
         if req.stream:
@@ -213,6 +225,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             gen = _chat_stream(engine, record, q, seqs, rid, created, req.model, req.n, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream")
         outs = await _collect(engine, request, q, seqs, req.n)
+        await record.wait_written()  # the usage row is committed before the response is sent
         _raise_failure(outs)
         return chat_response(rid, created, req.model, outs, record.totals())
 
@@ -221,7 +234,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         rid = f"cmpl-{uuid.uuid4().hex}"
         prompts = _prompt_list(req.prompt)
         record = RequestRecord(rid, "completions", req.model, who.key_id, who.tier, req.n * len(prompts),
-                               server.writer, server.metrics, server.limiter)  # fmt: skip
+                               server.writer, server.metrics)  # fmt: skip
         try:
             server.check_model(req.model)
             ids_list = [p if isinstance(p, list) else engine.tokenizer.encode(p) for p in prompts]
@@ -238,10 +251,13 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
                 for i in range(req.n):
                     all_ids.append(ids)
                     all_params.append(_seeded(p, req.seed, i))
+            n_prompt = sum(len(ids) for ids in ids_list)
+            await server.admit(record, n_prompt, n_prompt + len(all_ids) * max_tokens)
             q, seqs = server.start(record, all_ids, all_params)
         except APIError:
             record.pending = 0
             record.finish("rejected")
+            await record.wait_written()
             raise
         created = int(time.time())
         if req.stream:
@@ -249,6 +265,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             gen = _completion_stream(engine, record, q, seqs, rid, created, req.model, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream")
         outs = await _collect(engine, request, q, seqs, len(seqs))
+        await record.wait_written()
         _raise_failure(outs)
         return completion_response(engine.tokenizer, rid, created, req.model, outs, all_ids, req.echo,
                                    req.logprobs, record.totals())  # fmt: skip
@@ -330,6 +347,7 @@ async def _chat_stream(engine, record, q, seqs, rid, created, model, n, include_
             finished += out.finish_reason is not None
         if include_usage:
             yield sse(chat_chunk(rid, created, model, None, None, usage=record.totals()))
+        await record.wait_written()
         yield "data: [DONE]\n\n"
     finally:
         for s in seqs:  # client gone or stream done: stop what still runs, free its cache slot
@@ -356,6 +374,7 @@ async def _completion_stream(engine, record, q, seqs, rid, created, model, inclu
         if include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                        "usage": usage_body(record.totals())})  # fmt: skip
+        await record.wait_written()
         yield "data: [DONE]\n\n"
     finally:
         for s in seqs:
