@@ -70,10 +70,9 @@ class ChatSession:
 
         import torch
 
-        from .model.generate import generate
+        from .generation.loop import generate
 
-        ids = self.tok.apply_chat_template(self._messages(user), add_generation_prompt=True, tokenize=True,
-                                           return_dict=False)  # fmt: skip
+        ids = chat_prompt_ids(self.tok, self._messages(user))
         limit = self.model.config.max_position_embeddings
         if len(ids) + self.max_new_tokens > limit:
             raise ValueError(f"the conversation ({len(ids)} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds "
@@ -134,8 +133,20 @@ class ChatSession:
         return Reply(reasoning, (answer or "").strip(), len(tokens), stopped, len(tokens) / max(seconds, 1e-9))
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation followed by the assistant turn (R1 opens it with <think>)."""
+def chat_prompt_ids(tokenizer, conversation: str | list[dict] | dict) -> list[int]:
+    """Token ids of a conversation followed by the assistant turn (R1 opens it with <think>): the one way
+    prompts are built for chat, evaluation, GRPO rollouts and serving.
+
+    conversation: a list of {"role", "content"} messages; a string (one user turn); or a task example
+    (deepseek.tasks), whose "messages" (or "prompt") without the assistant answer become the prompt.
+    With no chat template on the tokenizer, DeepSeek-R1's own format is written out."""
+    if isinstance(conversation, str):
+        messages = [{"role": "user", "content": conversation}]
+    elif isinstance(conversation, dict):
+        turns = conversation.get("messages") or [{"role": "user", "content": conversation["prompt"]}]
+        messages = [m for m in turns if m["role"] != "assistant"]
+    else:
+        messages = list(conversation)
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
@@ -148,5 +159,5 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
             text += USER + m["content"]
         elif m["role"] == "assistant":
             text += ASSISTANT + m["content"] + EOS
-    text += ASSISTANT + "<think>\n"
+    text += ASSISTANT + THINK_OPEN + "\n"
     return tokenizer.encode(text, add_special_tokens=False)

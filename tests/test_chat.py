@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from deepseek.chat import DIM, RESET, ChatSession, split_reasoning
+from deepseek.chat import ASSISTANT, BOS, DIM, EOS, RESET, USER, ChatSession, chat_prompt_ids, split_reasoning
 from deepseek.loading import load_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +28,40 @@ def test_split_reasoning():
     assert split_reasoning("<thi") == ("<thi", None) or split_reasoning("<thi")[1] is None  # a tag being typed
     assert split_reasoning("just an answer") == ("", "just an answer")
 
+
+
+def test_chat_prompt_ids_with_the_tokenizer_template(tiny):
+    _, tok = tiny
+    user = [{"role": "user", "content": "What is 48 + 27?"}]
+    rendered = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|bos|><|user|>What is 48 + 27?<|assistant|>"  # r1-tiny's template
+    expected = tok(rendered, add_special_tokens=False)["input_ids"]  # render, then tokenize: an independent path
+    assert chat_prompt_ids(tok, user) == expected
+    assert chat_prompt_ids(tok, "What is 48 + 27?") == expected  # a string is one user turn
+    example = {"prompt": "What is 48 + 27?", "answer": "75",
+               "messages": user + [{"role": "assistant", "content": "<think>8+7=15</think>75"}]}  # fmt: skip
+    assert chat_prompt_ids(tok, example) == expected  # a task example: its answer is left out
+    assert chat_prompt_ids(tok, {"prompt": "What is 48 + 27?"}) == expected
+    history = user + [{"role": "assistant", "content": "75"}, {"role": "user", "content": "And 75 - 27?"}]
+    assert len(chat_prompt_ids(tok, history)) > len(expected)  # a list keeps earlier assistant turns
+
+
+class CharTokenizer:
+    """No chat template; one id per character, so the prompt text can be read back exactly."""
+
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        assert not add_special_tokens
+        return [ord(c) for c in text]
+
+
+def test_chat_prompt_ids_without_a_template_write_the_r1_format():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}]  # fmt: skip
+    text = "".join(map(chr, chat_prompt_ids(CharTokenizer(), messages)))
+    assert text == f"{BOS}Be brief.{USER}hi{ASSISTANT}hello{EOS}{USER}2+2?{ASSISTANT}<think>\n"
+    assert "".join(map(chr, chat_prompt_ids(CharTokenizer(), "2+2?"))) == f"{BOS}{USER}2+2?{ASSISTANT}<think>\n"
 
 def test_reply_streams_reasoning_dim_then_answer(tiny):
     model, tok = tiny

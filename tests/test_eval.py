@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from deepseek import R1Config, R1Model
+from deepseek.chat import chat_prompt_ids
 from deepseek.cli import main
 from deepseek.eval import generate_completions, load_model_and_tokenizer, pass_at_k, perplexity, task_accuracy
-from deepseek.eval.tasks import prompt_ids
 from deepseek.tasks import get_task
 from deepseek.tokenizer import default_corpus, train_tokenizer
 from deepseek.train.config import model_preset
@@ -56,13 +56,19 @@ def test_pass_at_k_arithmetic():
     assert pass_at_k(5, 0, 2) == 0.0
     assert pass_at_k(4, 3, 2) == 1.0
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    with pytest.raises(ValueError, match="pass@5 needs 1 <= k <= samples, got 4 samples"):
+        pass_at_k(4, 1, 5)  # fewer samples than k: no unbiased estimate
+    with pytest.raises(ValueError, match="pass@0"):
+        pass_at_k(4, 1, 0)
+    with pytest.raises(ValueError, match="5 correct out of 4"):
+        pass_at_k(4, 5, 1)
 
 
 def test_batched_generation_equals_one_at_a_time(model_dir):
     model, tok = load_model_and_tokenizer(model_dir)
     task = get_task("addition")
     examples = task.generate(2, seed=1, difficulty=1) + task.generate(3, seed=1, difficulty=4)
-    prompts = [prompt_ids(tok, ex) for ex in examples]
+    prompts = [chat_prompt_ids(tok, ex) for ex in examples]
     assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise the left padding"
     batched = generate_completions(model, tok, prompts, max_new_tokens=12, batch_size=5)
     single = [generate_completions(model, tok, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from deepseek import R1ForCausalLM
+from deepseek.eval.tasks import pass_at_k
+from deepseek.train.data import left_pad
 from deepseek.train.rl.grpo import GRPOConfig, RolloutBatches, make_loss_fn
 from deepseek.train.rl.loss import group_advantages, grpo_loss, k3_kl, token_logprobs
-from deepseek.train.rl.rollout import Rollout, left_pad, pass_at_k, to_batch
+from deepseek.train.rl.rollout import Rollout, to_batch
 from tests.helpers import random_model, tiny_config
 
 
@@ -118,6 +120,10 @@ def test_pass_at_k():
 def test_left_pad_and_to_batch_layout():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=2)
     assert ids.tolist() == [[5, 6, 7], [2, 2, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="at least one row"):
+        left_pad([], pad_id=2)
+    with pytest.raises(ValueError, match="row 1 is empty"):
+        left_pad([[5], []], pad_id=2)
     rolls = [Rollout({}, [0, 5, 6], [9, 1], "", 1.0, 1.0, 1.1, True), Rollout({}, [0, 7], [9, 9, 9], "", 0, 0, 0, False)]
     b = to_batch(rolls, pad_id=2)
     assert b["input_ids"].tolist() == [[0, 5, 6, 9, 1], [0, 7, 9, 9, 9]]

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import register_auto_classes
 from ..model.config import R1Config
 from .keys import SCALE_SUFFIX, checkpoint_to_module, is_mtp_key, module_to_checkpoint
 
@@ -271,3 +272,8 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB", st
     config.architectures = [type(model).__name__]
     _atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(config.to_json_string()))
     return out_dir
+
+
+# Whatever reads or writes our checkpoints also makes transformers' AutoConfig / AutoModelForCausalLM (and so
+# AutoTokenizer on a model folder) know `deepseek_r1`; `deepseek.R1Model` does the same on first access.
+register_auto_classes()

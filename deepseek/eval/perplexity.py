@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..train.data import IGNORE
+
 
 def corpus_tokens(source, tokenizer, max_records: int | None = None) -> torch.Tensor:
     """One 1-D stream of token ids from any source deepseek.train.data can load (texts of every record)."""
@@ -55,15 +57,15 @@ def perplexity(model, tokenizer, source, seq_len: int = 256, batch_size: int = 8
         lengths = [w.numel() for w in windows]
         T = max(lengths)
         ids_BT = torch.zeros(len(windows), T, dtype=torch.long)
-        labels_BT = torch.full((len(windows), T), -100, dtype=torch.long)
+        labels_BT = torch.full((len(windows), T), IGNORE, dtype=torch.long)
         for b, w in enumerate(windows):
             ids_BT[b, : w.numel()] = w
             labels_BT[b, : w.numel()] = w
         logits_BTV = model(input_ids=ids_BT.to(device)).logits.float()
         nll = F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1), labels_BT[:, 1:].flatten().to(device),
-                              ignore_index=-100, reduction="sum")  # fmt: skip
+                              ignore_index=IGNORE, reduction="sum")  # fmt: skip
         nll_sum += float(nll)
-        count += int((labels_BT[:, 1:] != -100).sum())
+        count += int((labels_BT[:, 1:] != IGNORE).sum())
     model.train(was_training)
     mean = nll_sum / max(count, 1)
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "windows": n_windows}

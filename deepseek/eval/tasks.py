@@ -8,28 +8,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from ..chat import chat_prompt_ids
+from ..generation.loop import generate
 from ..loading import load_model_and_tokenizer  # noqa: F401  (deepseek.eval's loader)
-from ..model.generate import generate
-
-
-def prompt_ids(tokenizer, example: dict) -> list[int]:
-    """The chat prompt of an example (its turns before the assistant answer) with the generation prompt."""
-    messages = example.get("messages") or [{"role": "user", "content": example["prompt"]}]
-    turns = [m for m in messages if m["role"] != "assistant"]
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids_BT = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask_BT = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids_BT[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask_BT[b, T - len(r) :] = 1
-    return ids_BT, mask_BT
+from ..train.data import left_pad
 
 
 def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256,
@@ -54,6 +36,10 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tok
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k < 1 or k > n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= samples, got {n} samples")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k: {c} correct out of {n} samples is impossible")
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -77,7 +63,7 @@ def task_accuracy(model, tokenizer, task: str, n: int = 100, seed: int = 12345, 
         raise ValueError("pass@k with several samples needs temperature > 0 (greedy samples are identical)")
     grader = get_task(task)
     examples = grader.generate(n, seed=seed, difficulty=difficulty)
-    prompts = [prompt_ids(tokenizer, ex) for ex in examples for _ in range(samples)]
+    prompts = [chat_prompt_ids(tokenizer, ex) for ex in examples for _ in range(samples)]
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens, temperature,
                                        batch_size=batch_size, seed=seed, show_progress=show_progress)  # fmt: skip
     rewards = [grader.grade(examples[i // samples], c) for i, c in enumerate(completions)]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-IGNORE = -100
+IGNORE = -100  # label of a token that carries no loss (PyTorch cross_entropy's ignore_index)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md")
 # kind -> accepted (first, second) column pairs, in order of preference
 PAIR_COLUMNS = {
@@ -374,6 +374,23 @@ def pack(sequences: Sequence[tuple[list[int], list[int]]], block_size: int, pad_
         labels_NT[n, : len(l)] = torch.tensor(l, dtype=torch.long)
     return Blocks(input_ids_NT, labels_NT)
 
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_BT, attention_mask_BT) of prompts, every row right-aligned to the longest (what generate() takes).
+    Used by evaluation and GRPO rollouts."""
+    if not rows:
+        raise ValueError("left_pad needs at least one row")
+    if not all(len(r) for r in rows):
+        raise ValueError(f"left_pad: row {next(i for i, r in enumerate(rows) if not len(r))} is empty; "
+                         "every prompt needs at least one token")  # fmt: skip
+    T = max(len(r) for r in rows)
+    ids_BT = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids_BT[b, T - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask_BT[b, T - len(r) :] = 1
+    return ids_BT, mask_BT
 
 # ---------------------------------------------------------------------------------------------- prepare
 @dataclass

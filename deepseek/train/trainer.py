@@ -42,8 +42,7 @@ from ..model.transformer import R1ForCausalLM
 from . import checkpoint as ckpt
 from .balance import LoadTracker, moe_layers, sequence_aux_loss, update_router_bias
 from .config import TrainConfig
-
-IGNORE = -100
+from .data import IGNORE
 
 
 # ---------------------------------------------------------------------------- loss hook

@@ -12,15 +12,15 @@ Reward = accuracy (the task's exact grader: 1 if the answer after </think> is ri
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ...model.generate import generate
+from ...chat import chat_prompt_ids
+from ...eval.tasks import pass_at_k
+from ...generation.loop import generate
 from ...tasks import format_reward, get_task
-
-IGNORE = -100
+from ..data import IGNORE, left_pad
 
 
 @dataclass
@@ -33,22 +33,6 @@ class Rollout:
     format: float
     reward: float
     finished: bool  # stopped with eos (not cut at max_new_tokens)
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)  # fmt: skip
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids_BT, attention_mask_BT) with every row right-aligned (what generate() takes)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
-    return ids, mask
 
 
 def grade(example: dict, text: str, format_weight: float) -> tuple[float, float, float]:
@@ -68,7 +52,7 @@ def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     out = []
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+            chunk = [chat_prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
             ids, mask = left_pad(chunk, pad)
             res = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            eos_token_id=eos, seed=None if seed is None else seed + start)  # fmt: skip
@@ -115,15 +99,6 @@ def to_batch(rolls: list[Rollout], pad_id: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, samples: int = 0,
              temperature: float = 1.0, k: int | None = None, seed: int = 0, batch_size: int = 64) -> dict:  # fmt: skip
     """Greedy accuracy, format rate and mean completion length; with samples > 0 also pass@k (k defaults to
