@@ -96,7 +96,7 @@ def passkey_run(model, tokenizer, examples, overrides, max_new: int) -> list[tup
 
 
 def perplexity_run(model, rows, overrides, skip: int) -> float:
-    from deepseek.model.longctx.passkey import long_perplexity
+    from deepseek.eval.passkey import long_perplexity
 
     compressed = apply(model.config, overrides)
     nll = [math.log(long_perplexity(model, ids, compressed, chunk=16, skip=skip)) for ids in rows]

@@ -32,9 +32,9 @@ import time
 import torch
 
 from deepseek import R1ForCausalLM
+from deepseek.eval.passkey import small_config
 from deepseek.model.cache import LatentCache
 from deepseek.model.longctx import CompressedLatentCache, chunked_prefill, extend_context
-from deepseek.model.longctx.passkey import small_config
 
 
 def load_model(path: str | None, max_len: int):
@@ -110,7 +110,7 @@ _MODEL = _TOK = None
 
 
 def _worker_init(path: str, max_len: int, threads: int) -> None:
-    from deepseek.model.longctx.passkey import model_tokenizer
+    from deepseek.eval.passkey import model_tokenizer
 
     global _MODEL, _TOK
     torch.set_num_threads(threads)
@@ -119,7 +119,7 @@ def _worker_init(path: str, max_len: int, threads: int) -> None:
 
 def _accuracy_job(job: tuple) -> tuple:
     """job = (kind, mode, length, i, keys): one passkey trial or one perplexity measurement."""
-    from deepseek.model.longctx.passkey import essay_ids, long_perplexity, passkey_trial
+    from deepseek.eval.passkey import essay_ids, long_perplexity, passkey_trial
 
     kind, mode, length, i, keys = job
     t = time.perf_counter()

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from deepseek import R1ForCausalLM
+from deepseek.eval.passkey import small_config
 from deepseek.model.longctx import CompressedLatentCache, enable_learned, nsa_parameters
-from deepseek.model.longctx.passkey import small_config
 from deepseek.tasks.filler import PROSE
 
 WORDS = [w for w in PROSE.split() if w.isascii()]

@@ -253,8 +253,8 @@ def test_extend_context_sets_yarn():
 def test_passkey_prompts_and_pose_batches():
     import random
 
-    from deepseek.model.longctx.passkey import ANSWER_PREFIX, passkey_sample
-    from deepseek.model.longctx.passkey_train import training_batch
+    from deepseek.eval.passkey import ANSWER_PREFIX, passkey_sample
+    from deepseek.train.passkey import training_batch
 
     rng = random.Random(0)
     for n in (400, 5000):
@@ -281,8 +281,8 @@ def test_passkey_prompts_and_pose_batches():
 def test_passkey_with_the_bundled_bpe_tokenizer():
     import random
 
-    from deepseek.model.longctx.passkey import ANSWER_PREFIX, load_tokenizer, passkey_sample
-    from deepseek.model.longctx.passkey_train import training_batch
+    from deepseek.eval.passkey import ANSWER_PREFIX, load_tokenizer, passkey_sample
+    from deepseek.train.passkey import training_batch
 
     tok = load_tokenizer("deepseek/r1-tiny")
     ids, key = passkey_sample(random.Random(1), 3000, tok=tok)
@@ -296,7 +296,7 @@ def test_passkey_with_the_bundled_bpe_tokenizer():
 
 @torch.no_grad()
 def test_long_perplexity_lossless_equal_and_quantised_close():
-    from deepseek.model.longctx.passkey import essay_ids, long_perplexity
+    from deepseek.eval.passkey import essay_ids, long_perplexity
 
     lossless = tiny_config(vocab_size=256, kv_quant_bits=0, kv_topk_blocks=1000, **LONG)
     model = random_model(lossless)

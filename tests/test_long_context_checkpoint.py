@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from deepseek.chat import chat_prompt_ids
+from deepseek.eval.passkey import long_perplexity
 from deepseek.generation.loop import generate_long
 from deepseek.loading import load_model_and_tokenizer
-from deepseek.model.longctx.passkey import long_perplexity
 from deepseek.tasks import get_task
 from tests.helpers import one_thread  # noqa: F401 (fixture)
 
@@ -73,8 +73,8 @@ def test_r1_tiny_perplexity_compressed_close_to_full(r1_tiny, one_thread):  # no
 
 def test_bundled_passkey_model_retrieves_at_4k_through_the_compressed_cache(one_thread):  # noqa: F811
     from deepseek import R1ForCausalLM
-    from deepseek.model.longctx.passkey import model_tokenizer, passkey_trial
-    from deepseek.model.longctx.passkey_train import VIEW_SETTINGS
+    from deepseek.eval.passkey import model_tokenizer, passkey_trial
+    from deepseek.train.passkey import VIEW_SETTINGS
 
     model = R1ForCausalLM.from_pretrained("deepseek/passkey-128k").eval()
     config = model.config

@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
+from deepseek.eval.passkey import needle_spans, passkey_sample, small_config
 from deepseek.model.attention import attend_latent
 from deepseek.model.longctx import CompressedLatentCache
-from deepseek.model.longctx.passkey import needle_spans, passkey_sample, small_config
-from deepseek.model.longctx.passkey_train import VIEW_SETTINGS, compact_view, training_batch, view_length
 from deepseek.model.rope import rope_frequencies, rotate
+from deepseek.train.passkey import VIEW_SETTINGS, compact_view, training_batch, view_length
 from tests.helpers import one_thread, tiny_config  # noqa: F401 (fixture)
 
 LONG = dict(kv_block_size=8, kv_window=16, kv_sink_blocks=1, max_position_embeddings=4096)
@@ -145,7 +145,7 @@ def test_blind_first_layer_hides_the_selected_blocks_from_every_recent_token():
 
 
 def test_masked_logits_with_a_causal_mask_equal_the_model():
-    from deepseek.model.longctx.passkey_train import masked_logits
+    from deepseek.train.passkey import masked_logits
     from tests.helpers import random_model
 
     model = random_model(tiny_config(**LONG)).eval()
@@ -174,7 +174,7 @@ def test_deepen_keeps_the_function_and_adds_trainable_layers():
     """deepen(model, 4): after each of the 2 layers a copy whose output projections are zero, so the logits
     are unchanged; the copies are real layers (their input projections equal the original's)."""
     from deepseek import R1ForCausalLM
-    from deepseek.model.longctx.passkey_train import deepen
+    from deepseek.train.passkey import deepen
 
     torch.manual_seed(0)
     model = R1ForCausalLM(small_config(first_k_dense_replace=2)).eval()
@@ -193,7 +193,7 @@ def test_view_training_deepens_and_saves_the_lead_layer(tmp_path):
     """passkey train --init (2 layers) --layers 4 --view --lead-layer 2: two steps run, the saved model has 4
     layers and the VIEW_SETTINGS with refresh and the lead layer in its config, and it loads."""
     from deepseek import R1ForCausalLM
-    from deepseek.model.longctx.passkey_train import train
+    from deepseek.train.passkey import train
 
     torch.manual_seed(0)
     R1ForCausalLM(small_config(first_k_dense_replace=2)).save_pretrained(tmp_path / "base")

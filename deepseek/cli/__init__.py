@@ -22,6 +22,7 @@ SUBCOMMANDS = [  # each module's add_parser(subparsers) registers its subcommand
     "deepseek.cli.recipe",
     "deepseek.cli.chat",
     "deepseek.cli.routing",
+    "deepseek.cli.passkey",
 ]
 
 

@@ -2,10 +2,10 @@
 
 Legend: B batch, T tokens.
 
-    python -m deepseek.model.longctx.passkey train --out runs/passkey --steps 600   # ~10 min on 2 cores
-    python -m deepseek.model.longctx.passkey train --out runs/passkey_view --view --length 392 --pose 0 ...
+    deepseek passkey train --out runs/passkey --steps 600   # ~10 min on 2 cores
+    deepseek passkey train --out runs/passkey_view --view --length 392 --pose 0 ...
 
-Rows are passkey prompts (deepseek.model.longctx.passkey) followed by the key. PoSE (Zhu et al. 2023): the
+Rows are passkey prompts (deepseek.eval.passkey) followed by the key. PoSE (Zhu et al. 2023): the
 position ids jump by a random gap at a random point, so training distances reach 128K. With view=True most
 rows are instead what the last query of a long prompt attends to through CompressedLatentCache with compact
 positions (compact_view), so no distance exceeds view_length.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .passkey import (
+from ..eval.passkey import (
     BYTES,
     HFTokenizer,
     load_tokenizer,
