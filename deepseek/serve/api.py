@@ -18,6 +18,8 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,7 +28,15 @@ from .billing import AuthError, Billing, Tier, default_tiers
 from .engine import Engine, QueueFull
 from .loading import chat_prompt_ids
 from .metering import Metrics, RequestRecord, UsageWriter
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .protocol import (
+    APIError,
+    BodyLimit,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ServeSettings,
+    drop_422,
+    error_responses,
+)
 from .responses import chat_chunk, chat_response, completion_response, sse, usage_body
 from .sequence import Output, SamplingParams
 
@@ -130,11 +140,16 @@ class Server:
 
 
 def create_app(engine: Engine, billing: Billing | None = None, auth: bool = False,
-               request_timeout_s: float | None = 600.0, usage: dict | None = None) -> FastAPI:  # fmt: skip
-    """usage: UsageWriter options (checkpoint_s, reconcile_after_s, retry_s, confirm_s)."""
+               request_timeout_s: float | None = 600.0, usage: dict | None = None,
+               settings: ServeSettings | None = None) -> FastAPI:  # fmt: skip
+    """usage: UsageWriter options (checkpoint_s, reconcile_after_s, retry_s, confirm_s).
+    settings: body size limit, disconnect polling, whether /metrics and the docs need a key (ServeSettings)."""
     server = Server(engine, billing, auth, request_timeout_s, usage)
-    app = FastAPI(title="DeepSeek-R1 OpenAI-compatible API", version="1.0")
+    settings = settings or ServeSettings()
+    app = FastAPI(title="DeepSeek-R1 OpenAI-compatible API", version="1.0", docs_url=None, redoc_url=None,
+                  openapi_url=None)  # served below, behind the key when auth is on  # fmt: skip
     app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # 413 / bad UTF-8 before parsing
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -160,19 +175,36 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         body = APIError(500, f"internal error: {type(exc).__name__}", "internal_error", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    @app.middleware("http")
-    async def reject_bad_bodies(request: Request, call_next):
-        if request.method == "POST":
-            body = await request.body()
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                return JSONResponse(APIError(400, "the request body is not valid UTF-8", "invalid_encoding").body(),
-                                    status_code=400)  # fmt: skip
-        return await call_next(request)
-
     def caller(request: Request) -> Caller:
         return server.caller(request)
+
+    def key_unless(is_open: bool):
+        """A dependency: with auth on, the route needs a valid key unless the setting opens it."""
+
+        def check(request: Request) -> None:
+            if server.auth and not is_open:
+                server.caller(request)
+
+        return Depends(check)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = drop_422(get_openapi(title=app.title, version=app.version, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[key_unless(settings.open_docs)])
+    async def openapi_json():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[key_unless(settings.open_docs)])
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+    @app.get("/redoc", include_in_schema=False, dependencies=[key_unless(settings.open_docs)])
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title=app.title)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground():
@@ -182,7 +214,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
     async def health():
         return {"status": "ok", "model": engine.model_name, **engine.load()}
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[key_unless(settings.open_metrics)])
     async def metrics():
         load = engine.load()
         server.metrics.queue_depth.set(load["waiting"])
@@ -190,7 +222,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         server.metrics.free_slots.set(load["free_slots"])
         return Response(generate_latest(server.metrics.registry), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401, 429))
     async def models(who: Caller = Depends(caller)):
         return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
                                             "owned_by": "deepseek", "max_model_len": engine.max_model_len}]}  # fmt: skip
@@ -200,15 +232,17 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         return {name: {"usd_per_1k_tokens": t.usd_per_1k_tokens, "rpm": t.rpm, "tpm": t.tpm}
                 for name, t in server.tiers.items()}  # fmt: skip
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=error_responses(400, 401, 404, 413, 429, 503, 504))
     async def chat_completions(req: ChatCompletionRequest, request: Request, who: Caller = Depends(caller)):
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         record = RequestRecord(rid, "chat", req.model, who.key_id, who.tier, req.n, server.writer, server.metrics)
         try:
+            req.check_text()  # 400 for a lone surrogate, before the tokenizer sees it
             server.check_model(req.model)
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in req.messages]  # fmt: skip
-            ids = chat_prompt_ids(engine.tokenizer, messages)
+            _check_prompt_size(engine, sum(len(m["content"]) for m in messages), "messages")
+            ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)  # off the event loop
             max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
             params = server.params(req, max_tokens, len(ids), logprobs=0 if req.logprobs else None)
             params_n = [_seeded(params, req.seed, i) for i in range(req.n)]
@@ -224,20 +258,23 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = _chat_stream(engine, record, q, seqs, rid, created, req.model, req.n, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream")
-        outs = await _collect(engine, request, q, seqs, req.n)
+        outs = await _collect(engine, request, q, seqs, req.n, settings.disconnect_poll_s)
         await record.wait_written()  # the usage row is committed before the response is sent
         _raise_failure(outs)
         return chat_response(rid, created, req.model, outs, record.totals())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=error_responses(400, 401, 404, 413, 429, 503, 504))
     async def completions(req: CompletionRequest, request: Request, who: Caller = Depends(caller)):
         rid = f"cmpl-{uuid.uuid4().hex}"
         prompts = _prompt_list(req.prompt)
         record = RequestRecord(rid, "completions", req.model, who.key_id, who.tier, req.n * len(prompts),
                                server.writer, server.metrics)  # fmt: skip
         try:
+            req.check_text()
             server.check_model(req.model)
-            ids_list = [p if isinstance(p, list) else engine.tokenizer.encode(p) for p in prompts]
+            for p in prompts:
+                _check_prompt_size(engine, len(p) if isinstance(p, str) else 0, "prompt")
+            ids_list = await asyncio.to_thread(_encode_all, engine.tokenizer, prompts)  # off the event loop
             if any(len(ids) == 0 for ids in ids_list):
                 raise APIError(400, "prompt: an empty prompt has nothing to complete", "invalid_value", "prompt")
             max_tokens = 16 if req.max_tokens is None else req.max_tokens
@@ -264,7 +301,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = _completion_stream(engine, record, q, seqs, rid, created, req.model, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream")
-        outs = await _collect(engine, request, q, seqs, len(seqs))
+        outs = await _collect(engine, request, q, seqs, len(seqs), settings.disconnect_poll_s)
         await record.wait_written()
         _raise_failure(outs)
         return completion_response(engine.tokenizer, rid, created, req.model, outs, all_ids, req.echo,
@@ -289,28 +326,36 @@ def _prompt_list(prompt) -> list:
     return list(prompt)
 
 
-async def _collect(engine: Engine, request: Request, q: asyncio.Queue, seqs, n: int) -> list[Output]:
-    """Wait for all sequences; cancel them if the client goes away."""
+def _check_prompt_size(engine: Engine, n_chars: int, param: str) -> None:
+    """400 for a text certainly too long for the context, before it is tokenized."""
+    n = engine.fewest_tokens(n_chars)
+    if n >= engine.max_model_len:
+        raise APIError(400, f"the prompt ({n_chars} characters, at least {n} tokens) exceeds the context length "
+                       f"({engine.max_model_len} tokens)", "context_length_exceeded", param)  # fmt: skip
+
+
+def _encode_all(tokenizer, prompts: list) -> list[list[int]]:
+    return [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
+
+
+async def _collect(engine: Engine, request: Request, q: asyncio.Queue, seqs, n: int, poll_s: float) -> list[Output]:
+    """Wait for all sequences; cancel them (finish_reason "cancelled") if the client goes away. The client is
+    checked every poll_s seconds by the clock, also while tokens keep arriving."""
     totals = [Output(request_id=s.request_id) for s in seqs]
     finished = 0
+    next_check = time.monotonic() + poll_s
     try:
         while finished < n:
             try:
-                i, out = await asyncio.wait_for(q.get(), timeout=0.5)
+                i, out = await asyncio.wait_for(q.get(), timeout=poll_s)
+                totals[i].merge(out)
+                finished += out.finish_reason is not None
             except TimeoutError:
+                pass
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + poll_s
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError from None
-                continue
-            t = totals[i]
-            t.text += out.text
-            t.reasoning += out.reasoning
-            t.token_ids += out.token_ids
-            t.logprobs += out.logprobs
-            t.prompt_logprobs = t.prompt_logprobs or out.prompt_logprobs
-            if out.finish_reason is not None:
-                for k in ("finish_reason", "error", "prompt_tokens", "completion_tokens", "reasoning_tokens"):
-                    setattr(t, k, getattr(out, k))
-                finished += 1
+                    raise APIError(499, "the client disconnected", "cancelled")
     finally:
         for s in seqs:
             if s.finish_reason is None:

@@ -7,13 +7,19 @@
         print(out.text, end="")
     engine.close()
 
-A background thread runs steps: drop cancelled / timed-out sequences (freeing their cache slots), admit and
-prefill waiting sequences, decode all running ones in one batch, sample, turn tokens into text, notify
+A background thread runs steps, each schedule -> run -> postprocess: the scheduler ends cancelled / timed-out
+sequences and admits waiting ones into free cache slots; the runner prefills the admitted prompts and decodes
+all running sequences in one batch; postprocessing samples, turns tokens into text, checks stops and notifies
 listeners. `submit` is thread-safe; listeners are called on the engine thread and must not block.
+
+Isolation: whatever goes wrong with one sequence (its prefill, its sampling, its text) ends that sequence with
+finish_reason "error"; if the batched decode itself fails, each sequence is retried alone and only the ones that
+fail alone end. The cache commits a step only after its forward pass, so a retry starts from the same state.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -28,14 +34,18 @@ from .sequence import THINK_OPEN, Output, SamplingParams, Sequence, TextStream
 
 __all__ = ["Engine", "EngineConfig", "QueueFull", "SamplingParams", "Output"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EngineConfig:
     max_running: int = 32  # sequences decoded together (= cache slots)
     max_waiting: int = 256  # queued beyond that -> QueueFull (HTTP 503)
-    max_model_len: int | None = None  # prompt + completion per sequence; None: the model's context, <= 4096
+    max_model_len: int | None = None  # prompt + completion per sequence; None: the model's context, capped
+    default_max_model_len: int = 4096  # the cap when max_model_len is None (each slot reserves this many)
     prefill_token_budget: int = 2048  # prompt tokens prefilled per step (the first admitted always runs)
     default_timeout_s: float | None = 600.0
+    idle_wait_s: float = 0.5  # an idle engine thread rechecks for work this often (submit wakes it at once)
 
     def __post_init__(self):
         if self.max_running < 1:
@@ -51,14 +61,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         ctx = model.config.max_position_embeddings
-        self.max_model_len = min(self.config.max_model_len or min(ctx, 4096), ctx)
+        self.max_model_len = min(self.config.max_model_len or min(ctx, self.config.default_max_model_len), ctx)
         self.runner = ModelRunner(model, self.config.max_running, self.max_model_len)
-        self.scheduler = Scheduler(self.config.max_running, self.config.max_waiting, self.config.prefill_token_budget)
+        self.scheduler = Scheduler(self.config.max_running, self.config.max_waiting, self.config.prefill_token_budget,
+                                   slots=self.runner.cache)  # fmt: skip
+        self.max_token_chars = _max_token_chars(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.skip_ids = self.eos_ids | {i for i in [getattr(tokenizer, "bos_token_id", None)] if i is not None}
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "finished": 0, "last_batch": 0}
-        self._inbox: list[Sequence] = []
-        self._lock = threading.Lock()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "finished": 0, "last_batch": 0,
+                      "errors": 0}  # fmt: skip
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="deepseek-engine", daemon=True)
@@ -91,11 +102,7 @@ class Engine:
         stream = TextStream(self.tokenizer, params.stop, starts_thinking, self.skip_ids, params.parse_reasoning)
         seq = Sequence(prompt_ids, params, stream, request_id)
         seq.listeners.append(listener)
-        with self._lock:
-            waiting = len(self.scheduler.waiting) + len(self._inbox)
-            if waiting >= self.config.max_waiting:
-                raise QueueFull(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
-            self._inbox.append(seq)
+        self.scheduler.add(seq)  # QueueFull beyond max_waiting
         self._wake.set()
         return seq
 
@@ -121,24 +128,20 @@ class Engine:
         """Blocking: the whole completion as one Output (text, reasoning, token_ids, usage)."""
         total = Output(request_id="")
         for out in self.stream(prompt_ids, params):
-            total.request_id = out.request_id
-            total.text += out.text
-            total.reasoning += out.reasoning
-            total.token_ids += out.token_ids
-            total.logprobs += out.logprobs
-            total.prompt_logprobs = total.prompt_logprobs or out.prompt_logprobs
-            for k in ("finish_reason", "error", "prompt_tokens", "completion_tokens", "reasoning_tokens"):
-                setattr(total, k, getattr(out, k))
+            total.merge(out)
         return total
+
+    def fewest_tokens(self, n_chars: int) -> int:
+        """A lower bound on the tokens a text of n_chars characters encodes to (0: no cheap bound for this
+        tokenizer). Lets the API refuse an over-long prompt before tokenizing it (about 2 s of CPU per MB)."""
+        return n_chars // self.max_token_chars if self.max_token_chars else 0
 
     def generate_text(self, prompt: str, params: SamplingParams | None = None) -> str:
         return self.generate(self.tokenizer.encode(prompt), params or SamplingParams()).text
 
     def load(self) -> dict:
-        with self._lock:
-            waiting = len(self.scheduler.waiting) + len(self._inbox)
-        return {"waiting": waiting, "running": len(self.scheduler.running),
-                "free_slots": self.runner.cache.num_free()}  # fmt: skip
+        waiting, running = self.scheduler.counts()
+        return {"waiting": waiting, "running": running, "free_slots": self.runner.cache.num_free()}
 
     def close(self) -> None:
         self._stop = True
@@ -148,51 +151,68 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while not self._stop:
-            with self._lock:
-                inbox, self._inbox = self._inbox, []
-            for seq in inbox:
-                self.scheduler.waiting.append(seq)
             if not self.scheduler.has_work():
-                self._wake.wait(timeout=0.5)
+                self._wake.wait(timeout=self.config.idle_wait_s)
                 self._wake.clear()
                 continue
             try:
                 self.step()
-            except Exception as exc:  # a failed step fails its sequences, never the engine
+            except Exception as exc:  # a bug outside the per-sequence guards: fail what runs, keep the engine
+                log.exception("engine step failed")
                 for seq in self.scheduler.drop(lambda s: True):
                     self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
         for seq in self.scheduler.drop(lambda s: True):
             self._finish(seq, "cancelled")
 
     def step(self) -> None:
-        now = time.monotonic()
-        for seq in self.scheduler.drop(lambda s: s.cancelled):
-            self._finish(seq, "cancelled")
-        for seq in self.scheduler.drop(lambda s: s.deadline is not None and now > s.deadline):
-            self._finish(seq, "timeout")
-        sched, runner = self.scheduler, self.runner
-        for seq in sched.admit(runner.cache.num_free()):
-            seq.slot = runner.cache.allocate()
-            sched.running.append(seq)
-            runner.prefill(seq)
-            self.stats["prefill_tokens"] += len(seq.prompt_ids)
-            if seq.params.max_tokens == 0:
-                sched.drop(lambda s, seq=seq: s is seq)
-                self._finish(seq, "length")
-        # every running sequence either has logits pending (just prefilled) or needs its last token decoded
-        to_decode = [s for s in sched.running if s.pending_logits is None]
-        if to_decode:
-            runner.decode(to_decode)
-        batch = list(sched.running)
+        plan = self.scheduler.schedule(time.monotonic())
+        for seq, reason in plan.ended:
+            self._finish(seq, reason)
+        batch = self._run(plan)
         self.stats["steps"] += 1
         self.stats["last_batch"] = len(batch)
+        self._postprocess(batch)
+
+    def _run(self, plan) -> list[Sequence]:
+        """Forward passes: prefill each admitted prompt, decode the running sequences in one batch. Returns the
+        sequences that now have next-token logits, old running ones first (arrival order)."""
+        runner = self.runner
+        for seq in plan.prefill:
+            try:
+                runner.prefill(seq)
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            self.stats["prefill_tokens"] += len(seq.prompt_ids)
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+        decode = [s for s in plan.decode if s.finish_reason is None]
+        if decode:
+            try:
+                runner.decode(decode)
+            except Exception:  # find the culprit: each sequence alone (nothing was committed to the cache)
+                log.warning("batched decode of %d sequences failed; retrying each alone", len(decode))
+                for seq in decode:
+                    try:
+                        runner.decode([seq])
+                    except Exception as exc:
+                        self._fail(seq, exc)
+        return [s for s in decode + plan.prefill if s.finish_reason is None and s.pending_logits is not None]
+
+    def _postprocess(self, batch: list[Sequence]) -> None:
+        """Sample one token per sequence, turn it into text, check stops, notify; a failure ends its sequence."""
         if not batch:
             return
-        tokens = runner.sample(batch)
+        tokens = self.runner.sample(batch)
         self.stats["decode_tokens"] += len(batch)
         now = time.monotonic()
         for seq, tok in zip(batch, tokens):
-            self._append(seq, tok, now)
+            try:
+                if isinstance(tok, Exception):
+                    raise tok
+                self._append(seq, tok, now)
+            except Exception as exc:
+                self._fail(seq, exc)
 
     def _append(self, seq: Sequence, tok: int, now: float) -> None:
         seq.output_ids.append(tok)
@@ -212,19 +232,21 @@ class Engine:
         if lp is not None:
             out.logprobs = [lp]
         if reason is not None:
-            self.scheduler.drop(lambda s: s is seq)
             self._finish(seq, reason, last=out)
         else:
             self._emit(seq, out)
 
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        log.warning("sequence %s failed: %s: %s", seq.request_id, type(exc).__name__, exc)
+        self.stats["errors"] += 1
+        self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, last: Output | None = None) -> None:
+        self.scheduler.finish(seq)  # out of the queue / batch, cache slot freed
+        seq.pending_logits = None
         if seq.finish_reason is not None:
             return
         seq.finish_reason = reason
-        if seq.slot is not None:
-            self.runner.cache.release(seq.slot)
-            seq.slot = None
-        seq.pending_logits = None
         out = last or Output(seq.request_id, first_token_time=seq.first_token_time)
         if last is None and reason in ("length", "stop"):  # flush held-back text
             out.reasoning, out.text = seq.stream.update(seq.output_ids, final=True)
@@ -243,6 +265,16 @@ class Engine:
                 fn(out)
             except Exception:  # a broken listener must not stop the engine
                 seq.cancelled = True
+
+
+def _max_token_chars(tokenizer) -> int:
+    """How many characters of text one token can cover at most, with a 2x margin (decoders may drop a lone
+    token's leading space); 0 when the tokenizer normalizes text first, which can shrink it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return 0
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    return 2 * max(len(p) for p in pieces) + 1
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

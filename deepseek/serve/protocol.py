@@ -1,13 +1,35 @@
-"""OpenAI request bodies (pydantic, so /openapi.json describes them) and the OpenAI error shape."""
+"""OpenAI request bodies (pydantic, so /openapi.json describes them), the OpenAI error shape, the HTTP-level
+settings (body size limit, disconnect polling, which routes need a key) and the body-limit middleware."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
 MAX_N = 8  # completions per request
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MiB = 2**20
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may carry "\\ud800"; no tokenizer or database takes it
+
+
+@dataclass
+class ServeSettings:
+    """What the HTTP layer allows (the engine's own limits are in EngineConfig)."""
+
+    max_body_bytes: int = 4 * MiB  # a larger POST body gets 413 before it is read in full (about 1M tokens)
+    disconnect_poll_s: float = 0.25  # a non-streaming request checks this often whether its client went away
+    open_metrics: bool = False  # with auth on, /metrics needs a key unless this is set
+    open_docs: bool = False  # with auth on, /openapi.json, /docs and /redoc need a key unless this is set
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if not self.disconnect_poll_s > 0:
+            raise ValueError(f"disconnect_poll_s must be > 0, got {self.disconnect_poll_s}")
 
 
 class APIError(Exception):
@@ -17,12 +39,105 @@ class APIError(Exception):
                  type: str | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
-        self.type = type or {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-                             429: "rate_limit_error", 503: "server_error", 504: "server_error"}.get(
-            status, "invalid_request_error")  # fmt: skip
+        self.type = type or ("server_error" if status >= 500 else {
+            401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error"))  # fmt: skip
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error the server answers: {"error": {message, type, param, code}}."""
+
+    error: ErrorDetail
+
+
+_ERROR_TEXT = {400: "Bad request: malformed JSON or UTF-8, wrong types, out-of-range values, too long a prompt",
+               401: "Missing, wrong or revoked API key", 404: "Unknown model",
+               413: "Request body larger than the server's limit", 429: "Rate limit or budget exhausted",
+               503: "Request queue full; retry later", 504: "Request timed out"}  # fmt: skip
+
+
+def error_responses(*codes: int) -> dict:
+    """FastAPI `responses=` for the error statuses a route can answer (documented in /openapi.json)."""
+    return {c: {"model": ErrorBody, "description": _ERROR_TEXT[c]} for c in codes}
+
+
+def drop_422(schema: dict) -> dict:
+    """FastAPI documents 422 for every route with a body; this server answers 400 for those (see api.py)."""
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            op.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema
+
+
+def surrogate_error(param: str, text: str | None) -> APIError | None:
+    """A 400 naming `param` when text holds a lone UTF-16 surrogate, else None."""
+    m = _SURROGATE.search(text) if text else None
+    if m is None:
+        return None
+    return APIError(400, f"{param}: contains a lone UTF-16 surrogate (U+{ord(m.group()):04X} at character "
+                    f"{m.start()}); send valid Unicode text", "invalid_encoding", param)  # fmt: skip
+
+
+class BodyLimit:
+    """ASGI middleware for POST bodies: over `max_bytes` -> 413, judged from Content-Length before anything is
+    read and again while reading (chunked bodies); not UTF-8 -> 400. The app then gets the body in one message,
+    and later receive() calls (disconnect checks) go to the server as usual."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes",
+                           "request_too_large")  # fmt: skip
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            error = too_big if length.isdigit() else APIError(400, "Content-Length is not a number", "invalid_request")
+            return await _reply(error, scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await _reply(too_big, scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return await _reply(APIError(400, "the request body is not valid UTF-8", "invalid_encoding"), scope,
+                                receive, send)  # fmt: skip
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(error: APIError, scope, receive, send) -> None:
+    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 
 class TextPart(BaseModel):
@@ -59,6 +174,17 @@ class SamplingFields(BaseModel):
     user: str | None = None
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens, for benchmarks
 
+    def texts(self) -> list[tuple[str, str | None]]:
+        """(param, text) for every string the server will read."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [("model", self.model), ("user", self.user)] + [(f"stop[{i}]", s) for i, s in enumerate(stops)]
+
+    def check_text(self) -> None:
+        """400 for a lone surrogate in any text, before tokenization (which would fail on it)."""
+        for param, text in self.texts():
+            if (error := surrogate_error(param, text)) is not None:
+                raise error
+
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP or any(not s for s in stops):
@@ -72,9 +198,16 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
 
+    def texts(self) -> list[tuple[str, str | None]]:
+        return super().texts() + [(f"messages[{i}].content", m.text()) for i, m in enumerate(self.messages)]
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+
+    def texts(self) -> list[tuple[str, str | None]]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        return super().texts() + [(f"prompt[{i}]", p) for i, p in enumerate(prompts) if isinstance(p, str)]

@@ -51,22 +51,31 @@ class ModelRunner:
             s.pending_logits = row
 
     @torch.inference_mode()
-    def sample(self, seqs: list[Sequence]) -> list[int]:
-        """One token per sequence from its pending logits (greedy rows in one argmax)."""
+    def sample(self, seqs: list[Sequence]) -> list[int | Exception]:
+        """One token per sequence from its pending logits (greedy rows in one argmax). A row whose sampling
+        fails gets the exception in its place, so the engine fails that sequence alone."""
         logits_BV = torch.stack([s.pending_logits for s in seqs])
-        out = logits_BV.argmax(-1).tolist()
+        out: list[int | Exception] = logits_BV.argmax(-1).tolist()
         for b, s in enumerate(seqs):
-            p = s.params
-            if p.temperature > 0:
-                if p.seed is not None and s.generator is None:
-                    s.generator = torch.Generator(device=self.device).manual_seed(p.seed)
-                out[b] = int(sample(logits_BV[b : b + 1], p.temperature, p.top_p, p.top_k, s.generator)[0])
-            if p.logprobs is not None:
-                lp = logits_BV[b].float().log_softmax(-1)
-                top = lp.topk(p.logprobs) if p.logprobs > 0 else None
-                s.new_logprobs = (float(lp[out[b]]), _top_dict(top))
+            try:
+                out[b] = self._sample_row(s, logits_BV[b : b + 1], out[b])
+            except Exception as exc:
+                out[b] = exc
             s.pending_logits = None
         return out
+
+    def _sample_row(self, s: Sequence, logits_1V: torch.Tensor, greedy: int) -> int:
+        p = s.params
+        tok = greedy
+        if p.temperature > 0:
+            if p.seed is not None and s.generator is None:
+                s.generator = torch.Generator(device=self.device).manual_seed(p.seed)
+            tok = int(sample(logits_1V, p.temperature, p.top_p, p.top_k, s.generator)[0])
+        if p.logprobs is not None:
+            lp_V = logits_1V[0].float().log_softmax(-1)
+            top = lp_V.topk(min(p.logprobs, lp_V.shape[0])) if p.logprobs > 0 else None
+            s.new_logprobs = (float(lp_V[tok]), _top_dict(top))
+        return tok
 
 
 def _top_dict(top) -> dict[int, float]:

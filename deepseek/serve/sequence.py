@@ -10,6 +10,7 @@ what it emits into `reasoning` (inside <think> ... </think>, as DeepSeek-R1 writ
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -35,9 +36,9 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # also false for NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
@@ -61,6 +62,20 @@ class Output:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     first_token_time: float | None = None
+
+    def merge(self, delta: Output) -> None:
+        """Add a later delta of the same sequence to this running total (the final one brings the counts)."""
+        self.request_id = self.request_id or delta.request_id
+        self.text += delta.text
+        self.reasoning += delta.reasoning
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        self.prompt_logprobs = self.prompt_logprobs or delta.prompt_logprobs
+        self.first_token_time = self.first_token_time or delta.first_token_time
+        if delta.finish_reason is not None:
+            self.finish_reason, self.error = delta.finish_reason, delta.error
+            self.prompt_tokens, self.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+            self.reasoning_tokens = delta.reasoning_tokens
 
 
 class TextStream:
