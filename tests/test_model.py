@@ -26,18 +26,67 @@ def test_grouped_experts_match_reference_loop_values_and_grads():
         assert torch.allclose(a, b, atol=1e-3)
 
 
-def test_absorbed_and_expanded_attention_agree():
+def reference_mla(attn, x_BTD, cos, sin, mask_BTS):
+    """MLA written out once more, independently: per-head K and V from the latent, explicit softmax."""
+    from deepseek.model.rope import apply_rope
+
+    B, T, _ = x_BTD.shape
+    H, N, R, V = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim
+    q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x_BTD))).view(B, T, H, N + R)
+    q_nope, q_pe = q[..., :N], apply_rope(q[..., N:], cos, sin, attn.interleave)
+    kv, pe = attn.kv_a_proj_with_mqa(x_BTD).split([attn.kv_lora_rank, R], dim=-1)
+    pe = apply_rope(pe, cos, sin, attn.interleave)
+    kv = attn.kv_b_proj(attn.kv_a_layernorm(kv)).view(B, T, H, N + V)
+    scores = (torch.einsum("bthn,bshn->bhts", q_nope, kv[..., :N]) + torch.einsum("bthr,bsr->bhts", q_pe, pe))
+    scores = (scores * attn.scale).masked_fill(~mask_BTS[:, None], float("-inf"))
+    out = torch.einsum("bhts,bshv->bthv", scores.softmax(-1), kv[..., N:])
+    return attn.o_proj(out.flatten(2))
+
+
+def test_absorbed_and_expanded_attention_agree_with_a_reference(monkeypatch):
+    """Both MLA forms are forced (and seen to run) on a padded causal mask; each equals an independent one."""
+    import deepseek.model.attention as attention
+
     model = random_model(tiny_config())
     attn = model.model.layers[1].self_attn
     x = torch.randn(2, 7, model.config.hidden_size)
     pos = torch.arange(7)[None].expand(2, 7)
     cos, sin = model.model.rotary_emb(pos, x.dtype)
-    mask = torch.ones(7, 7).tril().bool()[None].expand(2, 7, 7)
+    mask = torch.ones(7, 7).tril().bool()[None].repeat(2, 1, 1)
+    mask[1, :, :2] = False  # row 1: two padded keys
+    mask[1, :2, :2] = torch.eye(2, dtype=torch.bool)  # a padded query still sees itself
+    ran = []
+    expanded, latent = attn.expanded, attention.attend_latent
+    monkeypatch.setattr(attn, "expanded", lambda *a: ran.append("expanded") or expanded(*a))
+    monkeypatch.setattr(attention, "attend_latent", lambda *a: ran.append("absorbed") or latent(*a))
     with torch.no_grad():
+        ref = reference_mla(attn, x, cos, sin, mask)
+        attn.use_absorbed = lambda T: False
         out_exp = attn(x, cos, sin, mask)
         attn.use_absorbed = lambda T: True
         out_abs = attn(x, cos, sin, mask)
-    assert (out_exp - out_abs).abs().max() < 1e-4
+    assert ran == ["expanded", "absorbed"]
+    assert ref.abs().max() > 0.1
+    assert (out_exp - ref).abs().max() < 1e-4
+    assert (out_abs - ref).abs().max() < 1e-4
+
+
+def test_grouped_kernel_is_chosen_by_device_and_dtype_and_double_runs_the_loop():
+    from deepseek.model.moe import Experts, has_grouped_kernel
+
+    assert has_grouped_kernel("cpu", torch.float32, (64, 32))
+    assert not has_grouped_kernel("cpu", torch.float64, (64, 32))
+    assert not has_grouped_kernel("cpu", torch.bfloat16, (4, 4))  # rows of 8 bytes: not 16-byte aligned
+    model = random_model(tiny_config())
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, Experts)
+    x = torch.randn(10, model.config.hidden_size, dtype=torch.float64)
+    idx = torch.randint(0, experts.num_experts, (10, 2))
+    w = torch.rand(10, 2, dtype=torch.float64)
+    experts64 = experts.double()
+    ref = experts_reference(x, idx, w, experts64.gate_up_proj, experts64.down_proj)
+    with torch.no_grad():
+        assert torch.equal(experts64(x, idx, w), ref)  # float64: no grouped kernel, the loop, no exception
 
 
 def test_cached_decode_equals_full_forward():

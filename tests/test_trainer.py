@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from deepseek import R1Model
+from deepseek.model.moe import Routing
 from deepseek.train import checkpoint as ckpt
-from deepseek.train.balance import LoadTracker, moe_layers, sequence_aux_loss, update_router_bias
+from deepseek.train.balance import LoadTracker, moe_modules, sequence_aux_loss, update_router_bias
 from deepseek.train.config import TrainConfig, apply_overrides, preset
 from deepseek.train.trainer import LossOutput, TokenBatches, causal_lm_loss, lr_factor, param_groups, train
 
@@ -99,7 +100,7 @@ def test_checkpoint_loads_as_a_model_with_same_outputs(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
     assert math.isfinite(float(loss)) and float(loss) < math.log(c.model["vocab_size"])
-    biases = [m.gate.e_score_correction_bias for m in moe_layers(model)]
+    biases = [m.gate.e_score_correction_bias for m in moe_modules(model)]
     assert all(b.abs().sum() > 0 for b in biases), "the router bias update is saved with the weights"
 
 
@@ -123,7 +124,7 @@ def test_no_weight_decay_on_norms_and_biases():
 
 def test_bias_update_moves_towards_balance():
     model = R1Model(R1Model.config_class(**preset("debug").model)).train()
-    layers = moe_layers(model)
+    layers = moe_modules(model)
     tracker = LoadTracker(model)
     ids = STREAM[:64].view(2, 32)
     model(input_ids=ids)
@@ -142,20 +143,18 @@ def test_bias_update_moves_towards_balance():
 
 def test_sequence_aux_loss_value_and_gradient():
     model = R1Model(R1Model.config_class(**preset("debug").model)).train()
-    layer = moe_layers(model)[0]
+    layer = moe_modules(model)[0]
     E, K, T = layer.experts.num_experts, model.config.num_experts_per_tok, 8
     # perfectly balanced: every expert picked T*K/E times, uniform scores -> f_i = 1, P_i = 1/E -> loss 1
     idx = torch.arange(T * K).view(T, K) % E
     scores = torch.full((T, E), 0.5, requires_grad=True)
-    layer.last_routing = (idx, scores)
-    assert float(sequence_aux_loss([layer], batch=1)) == pytest.approx(1.0)
+    assert float(sequence_aux_loss([Routing(idx, scores)], batch=1)) == pytest.approx(1.0)
     # all tokens on expert 0 and 1, scores peaked there -> much larger than balanced
     idx = torch.tensor([[0, 1]] * T)
     peaked = torch.full((T, E), 0.01)
     peaked[:, :2] = 0.9
     peaked.requires_grad_(True)
-    layer.last_routing = (idx, peaked)
-    loss = sequence_aux_loss([layer], batch=1)
+    loss = sequence_aux_loss([Routing(idx, peaked)], batch=1)
     assert float(loss) > 3.0
     loss.backward()
     assert peaked.grad[:, :2].sum() > 0  # pushing the overloaded experts' scores down lowers the loss

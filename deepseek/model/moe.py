@@ -12,20 +12,38 @@ no Python loop over experts; `experts_reference` is the plain per-expert loop ke
 expert index is -1 is skipped, so a variable number of experts per token costs only what it uses.
 
 Adaptive routing (R1Config.routing_mode "entropy" / "top_p", deepseek/model/routing.py) replaces `select` by a
-variable-k choice when `Router.adaptive` is set; with routing_mode "topk" the plain path runs unchanged.
+variable-k choice when the Router is built with an `adaptive` policy; without one the plain path runs unchanged.
+
+Observers: `moe.observe(fn)` calls fn(moe, Routing) after each forward's routing (training losses, load counts,
+statistics read it there); nothing is stored on the module between forwards.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .norm import MLP
 
 
+@dataclass
+class Routing:
+    """One MoE forward's routing, as observers receive it."""
+
+    idx_NK: torch.Tensor  # chosen experts per token, -1 = an empty slot (adaptive routing)
+    scores_NE: torch.Tensor  # router scores, fp32, differentiable in training
+    entropy_N: torch.Tensor | None = None  # normalised routing entropy (adaptive routing only)
+
+
 class Router(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, adaptive: nn.Module | None = None):
         super().__init__()
         E = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
@@ -37,11 +55,7 @@ class Router(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
-        self.adaptive = None  # routing.AdaptiveRouting when routing_mode != "topk"
-        if getattr(config, "routing_mode", "topk") != "topk":
-            from .routing import AdaptiveRouting
-
-            self.adaptive = AdaptiveRouting(config)
+        self.adaptive = adaptive  # routing.AdaptiveRouting (variable k) or None (plain top-k)
 
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Routing scores (N, E) in fp32."""
@@ -88,12 +102,23 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        if x_ND.device.type == "cpu" or x_ND.dtype == torch.bfloat16:
-            try:
-                return experts_grouped(x_ND, idx_NK, weights_NK, self.gate_up_proj, self.down_proj)
-            except RuntimeError:  # a device/dtype without a grouped-matmul kernel
-                pass
+        E, F2, D = self.gate_up_proj.shape
+        if has_grouped_kernel(x_ND.device.type, x_ND.dtype, (D, F2 // 2)):
+            return experts_grouped(x_ND, idx_NK, weights_NK, self.gate_up_proj, self.down_proj)
         return experts_reference(x_ND, idx_NK, weights_NK, self.gate_up_proj, self.down_proj)
+
+
+@cache
+def has_grouped_kernel(device_type: str, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
+    """Whether torch._grouped_mm runs for this device and dtype: fp32 on CPU; bf16 / fp16 (CPU, or CUDA from
+    compute capability 9.0) when every row is a multiple of 16 bytes. Decided once per combination."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    aligned = all(d * size % 16 == 0 for d in dims)
+    if device_type == "cpu":
+        return dtype == torch.float32 or (dtype in (torch.bfloat16, torch.float16) and aligned)
+    if device_type == "cuda":
+        return dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability() >= (9, 0)
+    return False
 
 
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
@@ -136,27 +161,38 @@ def experts_reference(x_ND, idx_NK, weights_NK, gate_up_EFD, down_EDI):
 
 
 class MoE(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, adaptive: nn.Module | None = None):
         super().__init__()
-        self.gate = Router(config)
+        self.gate = Router(config, adaptive)
         self.experts = Experts(config)
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts
             else None
         )
-        self.last_routing = None  # (idx_NK, scores_NE) of the last forward, read by training losses/stats
-        self.routing_stats = None  # routing.RoutingStats while routing.track_routing is on
+        self.observers: OrderedDict[int, Callable[[MoE, Routing], None]] = OrderedDict()  # weakref-able
+
+    def observe(self, fn: Callable[[MoE, Routing], None]) -> RemovableHandle:
+        """Call fn(self, Routing) after every forward's routing; `.remove()` on the handle stops it."""
+        handle = RemovableHandle(self.observers)
+        self.observers[handle.id] = fn
+        return handle
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         shape = x_BTD.shape
         x_ND = x_BTD.reshape(-1, shape[-1])
         idx, weights, scores = self.gate(x_ND)
-        self.last_routing = (idx, scores)
-        if self.routing_stats is not None:
+        if self.observers:
             adaptive = self.gate.adaptive
-            self.routing_stats.update(idx, adaptive.last_entropy if adaptive is not None else None)
+            routing = Routing(idx, scores, adaptive.last_entropy if adaptive is not None else None)
+            for fn in list(self.observers.values()):
+                fn(self, routing)
         out = self.experts(x_ND, idx, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_ND)
         return out.view(shape)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """Every MoE layer of a model, with its module name, in order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]

@@ -31,6 +31,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .moe import MoE, Routing, moe_layers
+
+__all__ = ["AdaptiveRouting", "RoutingStats", "adaptive_routers", "adaptive_routing", "calibrate", "moe_layers",
+           "routed_flops_per_token", "set_routing", "stop_tracking", "summarize", "track_routing"]  # fmt: skip
+
 DEFAULT_THRESHOLD = {"entropy": 1.0, "top_p": 0.9}
 EPS = 1e-4  # keeps exp(H) of an exactly one-hot q from rounding up to 2
 
@@ -62,13 +67,17 @@ def k_from_mass(q_NK: torch.Tensor, threshold: float, k_min: int, k_max: int) ->
     return (before < threshold - 1e-6).sum(-1).clamp(k_min, k_max)
 
 
+def adaptive_routing(config) -> AdaptiveRouting | None:
+    """The routing policy the config asks for: None for plain top-k, else a variable-k AdaptiveRouting."""
+    return None if config.routing_mode == "topk" else AdaptiveRouting(config)
+
+
 class AdaptiveRouting(nn.Module):
     """Variable-k selection for one Router. Holds no tensors: checkpoints are unchanged by the mode."""
 
     def __init__(self, config):
         super().__init__()
-        if hasattr(config, "validate_routing"):
-            config.validate_routing()
+        config.validate_routing()
         self.mode = config.routing_mode
         self.k_min, self.k_max = config.routing_k_min, config.routing_k_max
         self.target_k = config.routing_target_k
@@ -160,6 +169,9 @@ class RoutingStats:
         self.k_hist = torch.zeros(self.k_max + 1, dtype=torch.long)
         self.load = torch.zeros(self.num_experts, dtype=torch.long)
 
+    def __call__(self, moe: MoE, routing: Routing) -> None:  # a MoE observer
+        self.update(routing.idx_NK, routing.entropy_N)
+
     def update(self, idx_NK: torch.Tensor, entropy_N: torch.Tensor | None = None) -> None:
         idx = idx_NK.detach().cpu()
         valid = idx >= 0
@@ -190,24 +202,22 @@ class RoutingStats:
         }
 
 
-def moe_layers(model) -> list[tuple[str, nn.Module]]:
-    from .moe import MoE
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-
-
 def track_routing(model) -> dict[str, RoutingStats]:
-    """Attach fresh statistics to every MoE layer; they accumulate until `stop_tracking`."""
+    """Attach fresh statistics to every MoE layer (as observers); they accumulate until `stop_tracking`."""
+    stop_tracking(model)
     stats = {}
     for name, moe in moe_layers(model):
         k_max = moe.gate.adaptive.k_max if moe.gate.adaptive is not None else moe.gate.top_k
-        moe.routing_stats = stats[name] = RoutingStats(moe.experts.num_experts, k_max)
+        stats[name] = RoutingStats(moe.experts.num_experts, k_max)
+        moe.observe(stats[name])
     return stats
 
 
 def stop_tracking(model) -> None:
     for _, moe in moe_layers(model):
-        moe.routing_stats = None
+        for key, fn in list(moe.observers.items()):
+            if isinstance(fn, RoutingStats):
+                del moe.observers[key]
 
 
 def summarize(stats: dict[str, RoutingStats]) -> dict:

@@ -18,6 +18,7 @@ from .config import R1Config
 from .moe import Experts, MoE, Router
 from .norm import MLP, RMSNorm
 from .rope import RotaryEmbedding
+from .routing import adaptive_routing
 
 
 class DecoderLayer(nn.Module):
@@ -25,7 +26,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MLAttention(config, layer_idx)
         if config.is_moe_layer(layer_idx):
-            self.mlp = MoE(config)
+            self.mlp = MoE(config, adaptive_routing(config))
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

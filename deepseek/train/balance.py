@@ -12,36 +12,49 @@ Legend: N tokens (B*T flattened), B sequences, T tokens per sequence, E routed e
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
-from ..model.moe import MoE
+from ..model.moe import MoE, Routing, moe_layers
 
 
-def moe_layers(model) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+def moe_modules(model) -> list[MoE]:
+    return [m for _, m in moe_layers(model)]
+
+
+@contextmanager
+def record_routing(model):
+    """Within the block, the list holds each MoE forward's Routing, in order (for the sequence-wise loss)."""
+    routings: list[Routing] = []
+    handles = [m.observe(lambda moe, r: routings.append(r)) for m in moe_modules(model)]
+    try:
+        yield routings
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class LoadTracker:
     """Counts tokens per expert for every MoE layer over all forwards since the last `reset` (so every
-    micro-batch of an accumulated step counts). Forward hooks only read `last_routing`: no model change."""
+    micro-batch of an accumulated step counts), as a routing observer: no model change."""
 
     def __init__(self, model):
-        self.layers = moe_layers(model)
+        self.layers = moe_modules(model)
         self.counts = [torch.zeros(m.experts.num_experts, dtype=torch.float64) for m in self.layers]
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        self.handles = [m.observe(self._observer(i)) for i, m in enumerate(self.layers)]
 
-    def _hook(self, i: int):
-        def hook(module, args, output):
+    def _observer(self, i: int):
+        def observe(module, routing: Routing):
             if not module.training:
                 return
-            idx_NK = module.last_routing[0]
-            flat = idx_NK.reshape(-1)
+            flat = routing.idx_NK.reshape(-1)
             flat = flat[flat >= 0]  # -1 = empty slot (adaptive routing)
             counts = torch.bincount(flat, minlength=self.counts[i].numel()).to(torch.float64).cpu()
             self.counts[i] += counts
 
-        return hook
+        return observe
 
     def reset(self) -> None:
         for c in self.counts:
@@ -80,14 +93,14 @@ def update_router_bias(layers: list[MoE], counts: list[torch.Tensor], gamma: flo
     return {"max_violation": sum(violations) / len(violations) if violations else 0.0}
 
 
-def sequence_aux_loss(layers: list[MoE], batch: int, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over MoE layers of the sequence-wise balance loss sum_i f_i P_i of the last forward (no alpha).
+def sequence_aux_loss(routings: list[Routing], batch: int, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over MoE forwards (record_routing) of the sequence-wise balance loss sum_i f_i P_i (no alpha).
 
     `mask_BT` (1 = real token) keeps padding out of both f and P. A layer that saw fewer positions per
     sequence (an MTP depth sees T - k) uses the first ones of the mask."""
     losses = []
-    for layer in layers:
-        idx_NK, scores_NE = layer.last_routing
+    for r in routings:
+        idx_NK, scores_NE = r.idx_NK, r.scores_NE
         N, E = scores_NE.shape
         K = idx_NK.shape[1]
         T = N // batch

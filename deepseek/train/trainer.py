@@ -30,6 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from torch import nn
 from ..model.config import R1Config
 from ..model.transformer import R1ForCausalLM
 from . import checkpoint as ckpt
-from .balance import LoadTracker, moe_layers, sequence_aux_loss, update_router_bias
+from .balance import LoadTracker, record_routing, sequence_aux_loss, update_router_bias
 from .config import TrainConfig
 from .data import IGNORE
 
@@ -60,15 +61,16 @@ def count_label_tokens(batch: dict) -> int:
 def causal_lm_loss(model, batch: dict, config: TrainConfig) -> LossOutput:
     """Next-token cross-entropy on labelled tokens (+ mtp_loss_weight * MTP loss inside the model)
     (+ seq_aux_alpha * the sequence-wise balance loss)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                mtp_loss_weight=config.mtp_loss_weight)  # fmt: skip
+    recording = record_routing(unwrap(model)) if config.seq_aux_alpha > 0 else nullcontext([])
+    with recording as routings:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                    mtp_loss_weight=config.mtp_loss_weight)  # fmt: skip
     loss, stats, tokens = out.loss, {}, count_label_tokens(batch)
     if tokens == 0:  # nothing labelled here (e.g. an all-prompt SFT block): a zero loss that still reaches
         loss = out.logits.sum() * 0.0  # every logit, so DDP/FSDP see the same graph on every rank
     if config.seq_aux_alpha > 0:
-        layers = moe_layers(unwrap(model))
         mask = batch.get("attention_mask")
-        aux = sequence_aux_loss(layers, batch["input_ids"].shape[0], mask)
+        aux = sequence_aux_loss(routings, batch["input_ids"].shape[0], mask)
         loss = loss + config.seq_aux_alpha * aux
         stats["seq_aux"] = float(aux.detach())
     return LossOutput(loss, tokens, stats)
