@@ -32,10 +32,11 @@ def model_dir(tmp_path_factory):
 class Stack:
     """One engine + app + billing database behind a live server; closed by the fixture."""
 
-    def __init__(self, model_dir, db_path, tiers=None, **engine_kw):
+    def __init__(self, model_dir, db_path, tiers=None, wait_s=5.0, usage=None, **engine_kw):
         self.engine = Engine.from_pretrained(str(model_dir), EngineConfig(**{"max_running": 8, **engine_kw}))
-        self.billing = Billing(f"sqlite:///{db_path}", tiers=tiers)
-        self.app = create_app(self.engine, self.billing, auth=True)
+        self.db_path = db_path
+        self.billing = Billing(f"sqlite:///{db_path}", tiers=tiers, wait_s=wait_s)
+        self.app = create_app(self.engine, self.billing, auth=True, usage=usage)
         self.live = LiveServer(self.app).__enter__()
         self.url = self.live.url
 
@@ -192,9 +193,10 @@ def pg_url():
         yield pg.url
 
 
-def start_replica(model_dir, db_url, port, log_path):
-    cmd = [sys.executable, "-m", "deepseek.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--db", db_url, "--auth", "on", "--threads", "1", "--max-running", "8", "--grace", "5"]  # fmt: skip
+def start_serve(model, db_url, port, log_path, *extra):
+    """A real `deepseek serve` process on 127.0.0.1:port (auth on); the caller stops it."""
+    cmd = [sys.executable, "-m", "deepseek.cli", "serve", "--model", str(model), "--port", str(port),
+           "--db", db_url, "--auth", "on", "--threads", "1", "--max-running", "8", "--grace", "5", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
@@ -224,7 +226,7 @@ def replicas(pg_url, model_dir, tmp_path):
     for i in range(2):
         port = free_port()
         log = tmp_path / f"replica{i}.log"
-        procs.append((start_replica(model_dir, pg_url, port, log), log))
+        procs.append((start_serve(model_dir, pg_url, port, log), log))
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for (p, log), url in zip(procs, urls):
