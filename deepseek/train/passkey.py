@@ -30,6 +30,7 @@ from ..eval.passkey import (
     passkey_sample,
     small_config,
 )
+from .data import IGNORE
 
 # The compressed-cache settings a `view`-trained model is trained for and evaluated with: 64-token blocks,
 # 2 read per query tile as one run of 2 consecutive blocks (a needle cut at a block boundary is read whole),
@@ -139,7 +140,7 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
         n = row.numel()
         row = torch.nn.functional.pad(row, (0, length - n), value=0)
         lab = row.clone()
-        lab[n:] = -100  # no loss on padding
+        lab[n:] = IGNORE  # no loss on padding
         ans = torch.zeros(length, dtype=torch.bool)
         ans[prompt.numel() : n] = True  # the key and its full stop
         split = rng.randint(1, length - 1)
@@ -268,7 +269,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
             logits = model(ids, position_ids=pos).logits[:, :-1].float()
         target, ans = labels[:, 1:], answer[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
-        lm = nll[target != -100].mean()
+        lm = nll[target != IGNORE].mean()
         retr = nll[ans].mean()
         loss = lm + answer_weight * retr
         opt.zero_grad(set_to_none=True)
