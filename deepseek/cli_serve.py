@@ -93,14 +93,16 @@ def run_serve(args) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=args.grace))  # fmt: skip
     # uvicorn drains (stops accepting, lets open responses finish for --grace seconds), then re-raises the signal
-    # that stopped it; with SIGTERM's default action that would kill the process before the flush below
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    # that stopped it; with SIGTERM's default action (or SIGINT's KeyboardInterrupt) that would end the process
+    # before the flush below, so the re-raised signal is ignored
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
     finally:
         engine.close()  # finishes what still runs as cancelled, so every request still gets its usage row
         flushed = writer.close(timeout=max(args.grace, 5.0))
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"stopped; usage rows {'all written' if flushed else 'NOT all written (see the errors above)'}",
           flush=True)  # fmt: skip
     return 0 if flushed else 1

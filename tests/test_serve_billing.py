@@ -3,7 +3,9 @@ starts itself (skipped with the reason when PostgreSQL is not installed; scripts
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -119,6 +121,79 @@ def test_admission_enforces_rpm_and_tpm_from_the_usage_rows(tmp_path):
         conn.execute(sa.text("UPDATE usage SET created_at = created_at - 61"))
     db.admit("r4", a.id, "m", "basic", prompt_tokens=1, reserve_tokens=2)
     db.close()
+
+
+def test_a_version_2_database_upgrades_and_keeps_its_rows(tmp_path):
+    """A database written by the previous release (schema version 2) migrates to 3; its rows stay readable."""
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as conn:  # the version-2 schema, as that release created it
+        conn.executescript("""
+            CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR(200) NOT NULL,
+                                            applied_at FLOAT NOT NULL);
+            CREATE TABLE api_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, name VARCHAR(200) NOT NULL,
+                key_hash VARCHAR(64) NOT NULL UNIQUE, prefix VARCHAR(16) NOT NULL, tier VARCHAR(50) NOT NULL,
+                budget_usd FLOAT, spent_usd FLOAT DEFAULT '0' NOT NULL, created_at FLOAT NOT NULL, revoked_at FLOAT);
+            CREATE TABLE usage (request_id VARCHAR(100) PRIMARY KEY, key_id INTEGER REFERENCES api_keys (id),
+                model VARCHAR(200) NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+                reasoning_tokens INTEGER NOT NULL, cost_usd FLOAT NOT NULL, latency_ms FLOAT NOT NULL,
+                status VARCHAR(30) NOT NULL, created_at FLOAT NOT NULL, day VARCHAR(10) NOT NULL);
+            CREATE INDEX ix_usage_key_day ON usage (key_id, day);
+            INSERT INTO schema_migrations VALUES (1, 'api_keys and usage tables', 0), (2, 'index', 0);
+            INSERT INTO api_keys VALUES (1, 'old', 'h', 'sk-ds-old', 'basic', 1.0, 0.25, 0, NULL);
+            INSERT INTO usage VALUES ('old-1', 1, 'm', 10, 20, 0, 0.25, 1.0, 'ok', 0, '1970-01-01');
+        """)
+    db = Billing(f"sqlite:///{path}")
+    assert db.schema_version() == 3 and db.migrate() == []
+    (row,) = db.usage_records()
+    assert (row["request_id"], row["status"], row["reserved_usd"], row["instance"]) == ("old-1", "ok", 0, None)
+    key = db.get_key(1)
+    assert (key.spent_usd, key.reserved_usd) == (0.25, 0)
+    db.admit("new-1", 1, "m", "basic", prompt_tokens=10, reserve_tokens=30)  # the new columns work
+    assert db.get_key(1).reserved_usd == pytest.approx(30 / 1000 * 0.001)
+    db.close()
+
+
+def test_open_row_checkpoint_reconcile_and_a_late_final_row(db):
+    """started -> checkpointed -> (its server stops checkpointing) incomplete, charged its checkpointed cost with
+    the reservation released -> a final row arriving late corrects the spend by the difference."""
+    _, key = db.create_key("lifecycle", tier="basic", budget_usd=1.0)
+    reserve = db.admit("r", key.id, "m", "basic", prompt_tokens=100, reserve_tokens=1100)
+    assert reserve == pytest.approx(0.0011) and db.get_key(key.id).reserved_usd == pytest.approx(0.0011)
+    db.checkpoint([("r", 300, 40)])
+    (row,) = db.usage_records(key.id)
+    assert (row["status"], row["completion_tokens"], row["reasoning_tokens"]) == ("started", 300, 40)
+    assert db.reconcile(stale_after_s=60) == []  # checkpointed recently: its server is alive
+    time.sleep(0.05)
+    assert db.reconcile(stale_after_s=0.01) == ["r"] and db.reconcile(stale_after_s=0.01) == []
+    (row,) = db.usage_records(key.id)
+    assert row["status"] == "incomplete" and row["cost_usd"] == pytest.approx(0.0004)
+    k = db.get_key(key.id)
+    assert k.spent_usd == pytest.approx(0.0004) and k.reserved_usd == pytest.approx(0)
+    assert db.record_usage("r", key.id, "m", 100, 500, 40, 9.0, "ok", tier="basic") == pytest.approx(0.0006)
+    k = db.get_key(key.id)
+    assert k.spent_usd == pytest.approx(0.0006) and k.reserved_usd == pytest.approx(0)
+    assert db.record_usage("r", key.id, "m", 100, 500, 40, 9.0, "ok", tier="basic") is None  # final is final
+    with pytest.raises(ValueError, match="final usage status"):
+        db.record_usage("x", key.id, "m", 1, 1, 0, 1.0, "started")
+
+
+def test_concurrent_admissions_never_overshoot_the_budget(db):
+    """32 threads admit at once against a budget that covers one reservation: exactly one is admitted."""
+    _, key = db.create_key("race", tier="basic", budget_usd=1e-5)
+    results = []
+
+    def admit(i):
+        try:
+            db.admit(f"a{i}", key.id, "m", "basic", prompt_tokens=10, reserve_tokens=50)
+            results.append("ok")
+        except AuthError as exc:
+            results.append(exc.code)
+
+    threads = [threading.Thread(target=admit, args=(i,)) for i in range(32)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results.count("ok") == 1 and results.count("insufficient_quota") == 31
+    assert db.get_key(key.id).reserved_usd == pytest.approx(50 / 1000 * 0.001)
 
 
 def test_bad_database_url_is_one_clear_error():
