@@ -255,3 +255,57 @@ def test_revocation_stops_an_open_stream_promptly(stack):
     assert stopped_after < 2.0 and len(st.chunks[0]) - at < 300, (stopped_after, len(st.chunks[0]) - at)
     assert s.billing.get_key(key.id).spent_usd == pytest.approx(row["cost_usd"])
     other.close()
+
+
+@pytest.fixture
+def pg(tmp_path):
+    from test_serve_support import Postgres, postgres_bin
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed: run scripts/ci_services.sh")
+    with Postgres() as server:
+        yield server
+
+
+def test_postgresql_down_for_a_few_seconds_503s_and_loses_nothing(pg, caplog):
+    """The PostgreSQL server stops for about 3 s while a stream runs: requests in that time get 503 after the wait,
+    the stream's final row is retried until the server is back, and every admitted request has its final row."""
+    from test_serve_support import LiveServer
+
+    from deepseek.serve.api import create_app
+    from deepseek.serve.engine import Engine, EngineConfig
+
+    billing = Billing(pg.url, wait_s=1.0)
+    engine = Engine.from_pretrained(R1_TINY, EngineConfig(max_running=4))
+    app = create_app(engine, billing, auth=True, usage={"checkpoint_s": 0.2, "retry_s": 1.0, "confirm_s": 1.0})
+    secret, key = billing.create_key("pg-down", tier="enterprise")
+    opts = f"-p {pg.port} -k {pg.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+    try:
+        with LiveServer(app) as live:
+            caplog.set_level(logging.WARNING, logger="deepseek.serve")
+            st = Streams(live.url, secret, [completion(0, 200)])  # ends while the database is down
+            st.wait(lambda: len(st.chunks[0]) >= 5)
+            pg._run("pg_ctl", "-D", pg.data, "-m", "fast", "-w", "stop")
+            down = httpx.post(live.url + "/v1/completions", json=completion(1, 4), timeout=30,
+                              headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
+            time.sleep(2.0)
+            pg._run("pg_ctl", "-D", pg.data, "-l", pg.dir / "log", "-w", "-o", opts, "start")
+            st.join(30)
+            up = httpx.post(live.url + "/v1/completions", json=completion(2, 4), timeout=30,
+                            headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                rows = billing.usage_records(key.id)
+                if len(rows) == 2 and all(r["status"] == "ok" for r in rows):
+                    break
+                time.sleep(0.2)
+    finally:
+        engine.close()
+        app.state.server.writer.close()
+    assert down.status_code == 503 and down.json()["error"]["code"] == "database_unavailable"
+    assert st.done[0] and up.status_code == 200
+    assert sorted(r["completion_tokens"] for r in rows) == [4, 200], [(r["status"], r["completion_tokens"]) for r in rows]
+    assert any("NOT written" in r.getMessage() for r in caplog.records)
+    k = billing.get_key(key.id)
+    assert k.spent_usd == pytest.approx(sum(r["cost_usd"] for r in rows)) and k.reserved_usd == pytest.approx(0)
+    billing.close()
