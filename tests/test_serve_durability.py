@@ -254,6 +254,17 @@ def test_revocation_stops_an_open_stream_promptly(stack):
     assert row["status"] == "revoked" and 20 <= row["completion_tokens"] < 900, row
     assert stopped_after < 2.0 and len(st.chunks[0]) - at < 300, (stopped_after, len(st.chunks[0]) - at)
     assert s.billing.get_key(key.id).spent_usd == pytest.approx(row["cost_usd"])
+    assert st.chunks[0][-1]["error"]["code"] == "invalid_api_key" and "revoked" in st.chunks[0][-1]["error"]["message"]
+    # not streaming: the response is a 401 saying so
+    secret, key = s.billing.create_key("revoke-me-too", tier="basic")
+    revoker = threading.Timer(0.5, lambda: other.revoke(key.id))
+    revoker.start()
+    r = httpx.post(s.url + "/v1/completions", json=completion(1, 900), headers={"Authorization": f"Bearer {secret}"},
+                   timeout=30)  # fmt: skip
+    revoker.join()
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    (row,) = s.rows(key.id)
+    assert row["status"] == "revoked" and 0 < row["completion_tokens"] < 900
     other.close()
 
 

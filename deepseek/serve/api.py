@@ -253,6 +253,10 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             record.finish("rejected")
             await record.wait_written()
             raise
+        except Exception:  # a bug after admission: close the row (and its reservation) instead of leaving it open
+            record.pending = 0
+            record.finish("error")
+            raise
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -260,7 +264,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             return StreamingResponse(gen, media_type="text/event-stream")
         outs = await _collect(engine, request, q, seqs, req.n, settings.disconnect_poll_s)
         await record.wait_written()  # the usage row is committed before the response is sent
-        _raise_failure(outs)
+        _raise_failure(outs, record)
         return chat_response(rid, created, req.model, outs, record.totals())
 
     @app.post("/v1/completions", responses=error_responses(400, 401, 404, 413, 429, 503, 504))
@@ -296,6 +300,10 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             record.finish("rejected")
             await record.wait_written()
             raise
+        except Exception:  # a bug after admission: close the row (and its reservation) instead of leaving it open
+            record.pending = 0
+            record.finish("error")
+            raise
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -303,7 +311,7 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             return StreamingResponse(gen, media_type="text/event-stream")
         outs = await _collect(engine, request, q, seqs, len(seqs), settings.disconnect_poll_s)
         await record.wait_written()
-        _raise_failure(outs)
+        _raise_failure(outs, record)
         return completion_response(engine.tokenizer, rid, created, req.model, outs, all_ids, req.echo,
                                    req.logprobs, record.totals())  # fmt: skip
 
@@ -363,10 +371,16 @@ async def _collect(engine: Engine, request: Request, q: asyncio.Queue, seqs, n: 
     return totals
 
 
-def _raise_failure(outs: list[Output]) -> None:
+def _fail_status(record: RequestRecord, reason: str) -> tuple[int, str, str]:
+    if record.revoked:  # stopped by the checkpoint thread: say why, not just "cancelled"
+        return 401, "invalid_api_key", "the API key was revoked while the request ran"
+    return FAIL_STATUS[reason]
+
+
+def _raise_failure(outs: list[Output], record: RequestRecord) -> None:
     for o in outs:
         if o.finish_reason in FAIL_STATUS:
-            status, code, msg = FAIL_STATUS[o.finish_reason]
+            status, code, msg = _fail_status(record, o.finish_reason)
             raise APIError(status, f"{msg}" + (f": {o.error}" if o.error else ""), code)
 
 
@@ -383,7 +397,7 @@ async def _chat_stream(engine, record, q, seqs, rid, created, model, n, include_
             if out.text:
                 delta["content"] = out.text
             if out.finish_reason in FAIL_STATUS:
-                status, code, msg = FAIL_STATUS[out.finish_reason]
+                status, code, msg = _fail_status(record, out.finish_reason)
                 yield sse(APIError(status, msg, code).body())
                 finished += 1
                 continue
@@ -406,7 +420,7 @@ async def _completion_stream(engine, record, q, seqs, rid, created, model, inclu
         while finished < len(seqs):
             i, out = await q.get()
             if out.finish_reason in FAIL_STATUS:
-                status, code, msg = FAIL_STATUS[out.finish_reason]
+                status, code, msg = _fail_status(record, out.finish_reason)
                 yield sse(APIError(status, msg, code).body())
                 finished += 1
                 continue
