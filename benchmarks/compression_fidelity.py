@@ -59,8 +59,7 @@ def apply(config, overrides: dict | None) -> bool:
     """Set BASE + overrides on the config; None = the full cache (config untouched). Returns compressed?"""
     if overrides is None:
         return False
-    for k, v in {**BASE, **overrides}.items():
-        setattr(config, k, v)
+    config.set_components(**{**BASE, **overrides})
     return True
 
 

@@ -124,7 +124,7 @@ def _accuracy_job(job: tuple) -> tuple:
     kind, mode, length, i, keys = job
     t = time.perf_counter()
     if kind == "ppl":
-        skip = _MODEL.config.kv_window + 2 * _MODEL.config.kv_block_size  # where the two caches start to differ
+        skip = _MODEL.config.compression.window + 2 * _MODEL.config.compression.block_size  # where the two caches start to differ
         value = long_perplexity(_MODEL, essay_ids(length, tok=_TOK), mode == "compressed", skip=skip)
     else:
         value = passkey_trial(_MODEL, length, mode == "compressed", f"{length}-{keys}-{i}", keys, _TOK)

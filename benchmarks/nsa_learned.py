@@ -74,7 +74,7 @@ def evaluate(model, ids_BT: torch.Tensor, mode: str) -> dict:
     else:
         model.eval()
         cache = CompressedLatentCache(model.config, ids_BT.shape[0], ids_BT.shape[1])
-        b, outs = model.config.kv_block_size, []
+        b, outs = model.config.compression.block_size, []
         for s in range(0, ids_BT.shape[1], b):
             pos = torch.arange(s, min(s + b, ids_BT.shape[1]))[None].expand(ids_BT.shape[0], -1)
             outs.append(model(ids_BT[:, s : s + b], position_ids=pos, cache=cache).logits)
@@ -152,9 +152,9 @@ def main():
     tuned = finetune_nsa(model, args.nsa_steps, args.batch, args.half, args.nsa_lr, rng)
     t2 = time.perf_counter()
     after = {m: evaluate(model, held_out, m) for m in ("train", "cache")}
-    model.config.kv_quant_bits = 4
+    model.config.compression.quant_bits = 4
     after["cache_4bit"] = evaluate(model, held_out, "cache")
-    model.config.kv_quant_bits = 0
+    model.config.compression.quant_bits = 0
     gates = torch.stack([layer.self_attn.nsa.gate_bias.detach() for layer in model.model.layers])  # (L, H, 3)
     sharp = [float(layer.self_attn.nsa.block_weights().detach().max()) for layer in model.model.layers]
 
@@ -174,7 +174,7 @@ def main():
         print(f"{name:36s} {all_:8.4f} ({math.exp(all_):6.3f}) {copy:8.4f} ({math.exp(copy):6.3f})")
     print(f"learned gate biases [selected, coarse, recent] per layer, mean over heads: "
           f"{[[round(v, 2) for v in g] for g in gates.mean(1).tolist()]}; largest block weight per layer: "
-          f"{[round(s, 3) for s in sharp]} (plain mean: {1 / config.kv_block_size:.3f})")  # fmt: skip
+          f"{[round(s, 3) for s in sharp]} (plain mean: {1 / config.compression.block_size:.3f})")  # fmt: skip
     result = {"hardware": f"{platform.machine()}, {args.threads} thread(s), fp32", "rows": 2 * args.half,
               "compression": COMPRESSION, "pretrain_steps": args.pretrain_steps, "nsa_steps": args.nsa_steps,
               "full_copy": before["full"]["copy"], "free_copy": before["train"]["copy"],

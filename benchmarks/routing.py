@@ -298,7 +298,7 @@ def main():
         fixed, fixed_run = train_model("fixed", fixed_cfg, stream, val, args, Path(tmp))
         ent, ent_run = train_model("entropy", ent_cfg, stream, val, args, Path(tmp))
     n_params = sum(p.numel() for p in fixed.parameters())
-    trained_thresholds = list(ent.config.routing_layer_thresholds)
+    trained_thresholds = list(ent.config.routing.layer_thresholds)
 
     # a second copy of the top-4 checkpoint for the training-free variants
     free = R1ForCausalLM(R1Config(**fixed_cfg)).eval()

@@ -30,14 +30,14 @@ def test_real_deepseek_v3_config_loads_as_is(tmp_path):
 def test_full_671b_on_meta_reports_published_sizes():
     config = R1Config(**{k: v for k, v in json.loads((DATA / "deepseek_v3_config.json").read_text()).items()
                          if k not in ("architectures", "auto_map", "model_type")})  # fmt: skip
-    config.use_mtp = False
+    config.build_mtp = False
     with torch.device("meta"):
         model = R1ForCausalLM(config)
     total = model.num_parameters()
     active = model.num_parameters(active=True)
     assert 670e9 < total < 672e9, total  # "671B total"
     assert 36.5e9 < active < 37.7e9, active  # "37B activated per token"
-    config.use_mtp = True
+    config.build_mtp = True
     with torch.device("meta"):
         with_mtp = R1ForCausalLM(config).num_parameters()
     assert 684e9 < with_mtp < 686e9  # "685B including the 14B MTP module"
@@ -75,3 +75,29 @@ def test_impossible_configs_name_the_field(kwargs, field):
 def test_unknown_rope_type_lists_allowed_values():
     with pytest.raises(ValueError, match="allowed: default, yarn, linear"):
         R1Config(rope_scaling={"type": "dynamic", "factor": 2.0})
+
+
+def test_component_settings_are_declared_sub_configs_and_flat_keys_still_load(tmp_path):
+    import json
+
+    from deepseek.model.config import CompressionConfig, RoutingConfig
+
+    flat = R1Config(num_experts_per_tok=4, routing_mode="entropy", routing_k_max=3, kv_compress=True, kv_window=64,
+                    kv_lead_layer=-1)  # fmt: skip  # an earlier checkpoint's flat keys
+    assert isinstance(flat.routing, RoutingConfig) and isinstance(flat.compression, CompressionConfig)
+    assert (flat.routing.mode, flat.routing.k_max, flat.compression.enabled, flat.compression.window) == (
+        "entropy", 3, True, 64)  # fmt: skip
+    assert R1Config(num_experts_per_tok=4).routing.k_max == 4  # k_max defaults to the router's k
+    flat.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["routing"]["mode"] == "entropy" and saved["compression"]["window"] == 64
+    assert not [k for k in saved if k.startswith("routing_") or k in ("kv_compress", "kv_window")]  # written nested
+    again = R1Config.from_pretrained(tmp_path)
+    assert again.routing == flat.routing and again.compression == flat.compression
+    with pytest.raises(AttributeError, match=r"config\.compression\.window"):
+        flat.kv_window = 128  # an earlier flat name is refused, never silently ignored
+    with pytest.raises(ValueError, match="unknown CompressionConfig field"):
+        R1Config(compression={"windw": 3})
+    with pytest.raises(ValueError, match=r"compression\.window"):
+        flat.set_components(kv_window=-1)
+    assert flat.compression.window == 64  # a failed change leaves the config as it was

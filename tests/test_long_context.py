@@ -49,7 +49,7 @@ def test_lossless_settings_equal_full_attention(chunk, compact):
 @torch.no_grad()
 def test_compression_off_is_the_plain_cache_and_generate():
     cfg = tiny_config(**LONG)
-    assert not cfg.kv_compress
+    assert not cfg.compression.enabled
     model = random_model(cfg)
     assert type(make_cache(cfg, 1, 64)) is LatentCache
     ids = torch.randint(3, cfg.vocab_size, (1, 40))
@@ -104,7 +104,7 @@ def test_no_position_lost_or_duplicated_across_chunked_prefill(chunk):
     for layer in range(cfg.num_hidden_layers):
         st = comp.store[layer]
         # the three regions partition 0..L-1: sinks, sealed blocks, recent
-        assert st.sink_filled + st.n_blocks * cfg.kv_block_size == st.recent_start
+        assert st.sink_filled + st.n_blocks * cfg.compression.block_size == st.recent_start
         assert st.length == 131
         kv, pe = comp.reconstruct(layer)
         assert kv.shape[1] == 131
@@ -117,15 +117,15 @@ def test_no_position_lost_or_duplicated_across_chunked_prefill(chunk):
 def test_window_and_current_block_always_full_precision_during_decode():
     cfg = tiny_config(kv_topk_blocks=1, **LONG)
     cache = CompressedLatentCache(cfg, 1, 300, layers=1)
-    b, w = cfg.kv_block_size, cfg.kv_window
+    b, w = cfg.compression.block_size, cfg.compression.window
     for L in range(1, 300):
         cache.append(torch.randn(1, 1, cfg.kv_lora_rank), torch.randn(1, 1, cfg.qk_rope_head_dim), 0)
         st = cache.store[0]
         assert st.recent_start <= max(0, L - w)  # the whole window (and the current block) is in recent
         cache.seal(0)
         assert st.length - st.recent_start < w + b  # and nothing older than window + one block stays there
-        if L >= cfg.kv_sink_blocks * b + w + b:
-            assert st.sink_filled == cfg.kv_sink_blocks * b
+        if L >= cfg.compression.sink_blocks * b + w + b:
+            assert st.sink_filled == cfg.compression.sink_blocks * b
 
 
 def test_selection_finds_the_block_that_matches_the_query():
@@ -141,7 +141,7 @@ def test_selection_finds_the_block_that_matches_the_query():
     cache.seal(0)
     q = torch.cat((direction, torch.zeros(R)))[None, None, None, None].expand(1, 1, 1, cfg.num_attention_heads, -1)
     idx = cache.select_blocks(q, 0, scale=1.0)
-    assert (needle - cfg.kv_sink_blocks * cfg.kv_block_size) // cfg.kv_block_size in idx.flatten().tolist()
+    assert (needle - cfg.compression.sink_blocks * cfg.compression.block_size) // cfg.compression.block_size in idx.flatten().tolist()
 
 
 def test_top_runs_reads_disjoint_runs_of_consecutive_blocks():
@@ -175,7 +175,7 @@ def test_selection_with_runs_reads_the_needle_block_and_its_neighbour():
     q = torch.cat((direction, torch.zeros(R)))[None, None, None, None].expand(1, 1, 1, cfg.num_attention_heads, -1)
     idx = sorted(cache.select_blocks(q, 0, scale=1.0).flatten().tolist())
     assert 14 in idx and idx[1] - idx[0] == 1
-    with pytest.raises(ValueError, match="kv_select_span=3 must be a positive integer dividing kv_topk_blocks=2"):
+    with pytest.raises(ValueError, match=r"compression\.select_span=3 must divide topk_blocks=2"):
         tiny_config(kv_topk_blocks=2, kv_select_span=3)
 
 
@@ -211,7 +211,7 @@ def test_memory_ratio_against_the_full_latent_cache():
     full = LatentCache(cfg, 1, S, layers=1).nbytes()
     mem = CompressedLatentCache(cfg, 1, S, layers=1).memory()
     per_token = (512 + 64) * (4 / 8) + (512 + 64) / 64 * 2 * 2  # packed nibbles + fp16 step/low per group
-    assert mem["payload"] == pytest.approx(per_token * (S - cfg.kv_block_size), rel=0.01)
+    assert mem["payload"] == pytest.approx(per_token * (S - cfg.compression.block_size), rel=0.01)
     assert (mem["payload"] + mem["summaries"]) / full < 0.2  # per old token: 4-bit + fp16 scales + summaries
     assert mem["total"] / full < 0.3  # + the fixed full-precision window/staging buffer (1664 of 16K tokens)
     offload = tiny_config(kv_lora_rank=512, qk_rope_head_dim=64, num_hidden_layers=1, kv_offload=True)
@@ -221,11 +221,11 @@ def test_memory_ratio_against_the_full_latent_cache():
 
 # ---------------------------------------------------------------------- errors and config
 def test_bad_settings_and_inputs_fail_clearly():
-    with pytest.raises(ValueError, match="kv_quant_bits"):
+    with pytest.raises(ValueError, match=r"compression\.quant_bits"):
         tiny_config(kv_quant_bits=3)
-    with pytest.raises(ValueError, match="kv_block_size"):
+    with pytest.raises(ValueError, match=r"compression\.block_size"):
         tiny_config(kv_block_size=0)
-    with pytest.raises(ValueError, match="kv_quant_group"):
+    with pytest.raises(ValueError, match=r"compression\.quant_group"):
         tiny_config(kv_quant_group=24)
     cfg = tiny_config(**LONG)
     model = random_model(cfg)
@@ -303,6 +303,6 @@ def test_long_perplexity_lossless_equal_and_quantised_close():
     ids = essay_ids(300)
     full = long_perplexity(model, ids, compressed=False, chunk=64, skip=40)
     assert long_perplexity(model, ids, compressed=True, chunk=64, skip=40) == pytest.approx(full, rel=1e-4)
-    model.config.kv_quant_bits, model.config.kv_topk_blocks = 4, 4
+    model.config.compression.quant_bits, model.config.compression.topk_blocks = 4, 4
     comp = long_perplexity(model, ids, compressed=True, chunk=64, skip=40)
     assert comp != full and abs(math.log(comp / full)) < 0.5  # a random model: only a loose sanity bound

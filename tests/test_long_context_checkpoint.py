@@ -13,6 +13,7 @@ from deepseek.chat import chat_prompt_ids
 from deepseek.eval.passkey import long_perplexity
 from deepseek.generation.loop import generate_long
 from deepseek.loading import load_model_and_tokenizer
+from deepseek.model.config import FLAT_COMPRESSION
 from deepseek.tasks import get_task
 from tests.helpers import one_thread  # noqa: F401 (fixture)
 
@@ -27,8 +28,7 @@ def r1_tiny():
 
 def answers(model, tok, examples, settings):
     if settings is not None:
-        for k, v in {**SCALED, **settings}.items():
-            setattr(model.config, k, v)
+        model.config.set_components(**{**SCALED, **settings})
     out = []
     for ex in examples:
         ids = torch.tensor([chat_prompt_ids(tok, ex)])
@@ -60,12 +60,11 @@ def test_r1_tiny_perplexity_compressed_close_to_full(r1_tiny, one_thread):  # no
     ids = torch.tensor(tok(tok.apply_chat_template(ex["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
     assert ids.numel() > 250
     full = long_perplexity(model, ids, False, chunk=16, skip=48)
-    for k, v in {**SCALED, "kv_topk_blocks": 64, "kv_quant_bits": 0}.items():
-        setattr(model.config, k, v)
+    model.config.set_components(**{**SCALED, "kv_topk_blocks": 64, "kv_quant_bits": 0})
     assert math.isclose(long_perplexity(model, ids, True, chunk=16, skip=48), full, rel_tol=1e-4)
-    model.config.kv_topk_blocks, model.config.kv_quant_bits = 6, 4
+    model.config.compression.topk_blocks, model.config.compression.quant_bits = 6, 4
     top6 = long_perplexity(model, ids, True, chunk=16, skip=48)
-    model.config.kv_topk_blocks = 1
+    model.config.compression.topk_blocks = 1
     top1 = long_perplexity(model, ids, True, chunk=16, skip=48)
     assert abs(math.log(top6 / full)) < 0.1  # within 10% of the full cache
     assert top1 > top6  # reading fewer blocks at full resolution costs perplexity
@@ -78,8 +77,10 @@ def test_bundled_passkey_model_retrieves_at_4k_through_the_compressed_cache(one_
 
     model = R1ForCausalLM.from_pretrained("deepseek/passkey-128k").eval()
     config = model.config
-    assert all(getattr(config, k) == v for k, v in VIEW_SETTINGS.items() if k != "kv_topk_blocks")
-    assert config.kv_lead_layer is not None and config.num_hidden_layers == 4
+    assert config.prefill_chunk == VIEW_SETTINGS["prefill_chunk"]
+    assert all(getattr(config.compression, FLAT_COMPRESSION[k]) == v for k, v in VIEW_SETTINGS.items()
+               if k not in ("kv_topk_blocks", "prefill_chunk"))  # fmt: skip
+    assert config.compression.lead_layer is not None and config.num_hidden_layers == 4
     tok = model_tokenizer("deepseek/passkey-128k")  # bytes: the model has no tokenizer.json
     trials = [passkey_trial(model, 4096, True, f"test-{i}", tok=tok) for i in range(3)]
     assert all(t["hit"] for t in trials), trials  # 64 sealed blocks, 2 read: the needle's run is found

@@ -21,7 +21,7 @@ LONG = dict(kv_block_size=8, kv_window=16, kv_sink_blocks=1, max_position_embedd
 def decode_output(cfg, n_filler: int) -> torch.Tensor:
     """One decode query's attention output over [sink][n_filler filler blocks][needle block][window], with the
     rope keys at their true positions; the needle is built to be the one block selected."""
-    C, R, b = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.kv_block_size
+    C, R, b = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.compression.block_size
     g = torch.Generator().manual_seed(0)
     H = cfg.num_attention_heads
     q_lat = torch.randn(1, 1, H, C, generator=g)
@@ -70,7 +70,7 @@ def test_compact_reconstruct_returns_true_positions():
 
 
 def test_compact_positions_flag_is_validated():
-    with pytest.raises(ValueError, match="kv_compact_positions"):
+    with pytest.raises(ValueError, match=r"compression\.compact_positions"):
         tiny_config(kv_compact_positions=1)
 
 
@@ -89,7 +89,7 @@ def test_compact_view_keeps_sinks_the_needle_and_the_recent_tokens():
         assert view.numel() <= view_length(cfg)
         assert text.startswith(bytes(prompt[:64].tolist()).decode())  # the sink block
         assert key in text  # a written copy of the asked key is in a selected block
-        assert text.endswith(bytes(prompt[-cfg.kv_window :].tolist()).decode())  # the window
+        assert text.endswith(bytes(prompt[-cfg.compression.window :].tolist()).decode())  # the window
     short, _ = passkey_sample(rng, 400)
     assert torch.equal(compact_view(rng, short, cfg, []), short)  # nothing sealed beyond the top-k: no cut
 
@@ -202,12 +202,12 @@ def test_view_training_deepens_and_saves_the_lead_layer(tmp_path):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     model = R1ForCausalLM.from_pretrained(tmp_path / "deep")
     c = model.config
-    assert c.num_hidden_layers == 4 and c.kv_lead_layer == 2 and c.kv_refresh_recent and c.kv_select_span == 2
+    assert c.num_hidden_layers == 4 and c.compression.lead_layer == 2 and c.compression.refresh_recent and c.compression.select_span == 2
     assert (tmp_path / "deep" / "loss.png").exists()
     # continuing without --lead-layer keeps the saved lead layer; deepening without it drops it
     train(str(tmp_path / "cont"), steps=1, batch=2, length=392, init=str(tmp_path / "deep"), layers=4, view=True,
           pose=0.0, eval_every=0)  # fmt: skip
-    assert R1ForCausalLM.from_pretrained(tmp_path / "cont").config.kv_lead_layer == 2
+    assert R1ForCausalLM.from_pretrained(tmp_path / "cont").config.compression.lead_layer == 2
     train(str(tmp_path / "deeper"), steps=1, batch=2, length=392, init=str(tmp_path / "deep"), layers=8, view=True,
           pose=0.0, eval_every=0)  # fmt: skip
-    assert R1ForCausalLM.from_pretrained(tmp_path / "deeper").config.kv_lead_layer is None
+    assert R1ForCausalLM.from_pretrained(tmp_path / "deeper").config.compression.lead_layer is None

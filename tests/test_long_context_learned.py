@@ -53,7 +53,7 @@ def training_path_logits(model, ids):
 
 def test_off_adds_no_parameters_and_zero_init_is_the_training_free_cache():
     cfg_off = tiny_config(**LEARNED)
-    assert cfg_off.kv_learned is False
+    assert cfg_off.compression.learned is False
     off = random_model(cfg_off)
     assert not any(".nsa." in n for n, _ in off.named_parameters())
     on = learned_model()
@@ -72,7 +72,7 @@ def test_off_adds_no_parameters_and_zero_init_is_the_training_free_cache():
 def test_training_path_equals_chunked_prefill_through_the_cache(randomise):
     model = learned_model(randomise=randomise)
     ids = torch.randint(3, model.config.vocab_size, (2, 700))
-    ref, cache = cache_logits(model, ids, model.config.kv_block_size)
+    ref, cache = cache_logits(model, ids, model.config.compression.block_size)
     st = cache.store[0]
     assert st.n_blocks >= 30 and st.sink_filled == 16  # sinks, many sealed blocks, top-2 + coarse exercised
     out = training_path_logits(model, ids)
@@ -82,7 +82,7 @@ def test_training_path_equals_chunked_prefill_through_the_cache(randomise):
 def test_training_path_with_runs_of_blocks_equals_the_cache():
     model = learned_model(randomise=True, kv_topk_blocks=4, kv_select_span=2)
     ids = torch.randint(3, model.config.vocab_size, (1, 500))
-    ref, _ = cache_logits(model, ids, model.config.kv_block_size)
+    ref, _ = cache_logits(model, ids, model.config.compression.block_size)
     torch.testing.assert_close(training_path_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -90,7 +90,7 @@ def test_training_path_without_coarse_and_short_sequences():
     model = learned_model(randomise=True, kv_coarse=False, kv_sink_blocks=0)
     for T in (10, 100, 333):  # no block / a few / many, last tile partial
         ids = torch.randint(3, model.config.vocab_size, (1, T))
-        ref, _ = cache_logits(model, ids, model.config.kv_block_size)
+        ref, _ = cache_logits(model, ids, model.config.compression.block_size)
         torch.testing.assert_close(training_path_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -111,7 +111,7 @@ def test_checkpoint_round_trip_keeps_the_learned_parameters(tmp_path):
     model = learned_model(randomise=True)
     model.save_pretrained(tmp_path)
     loaded = R1ForCausalLM.from_pretrained(tmp_path)
-    assert loaded.config.kv_learned is True
+    assert loaded.config.compression.learned is True
     for (n, p), (m, q) in zip(nsa_parameters_named(model), nsa_parameters_named(loaded), strict=True):
         assert n == m and torch.equal(p, q)
     ids = torch.randint(3, model.config.vocab_size, (1, 200))
@@ -127,13 +127,13 @@ def test_enable_learned_on_a_built_model_changes_nothing_until_trained():
     ids = torch.randint(3, model.config.vocab_size, (1, 200))
     ref, _ = cache_logits(model, ids, 16)
     enable_learned(model)
-    assert model.config.kv_learned and len(nsa_parameters(model)) == 3 * model.config.num_hidden_layers
+    assert model.config.compression.learned and len(nsa_parameters(model)) == 3 * model.config.num_hidden_layers
     torch.testing.assert_close(cache_logits(model, ids, 16)[0], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(training_path_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_settings_and_padded_batches_fail_clearly():
-    with pytest.raises(ValueError, match="kv_learned"):
+    with pytest.raises(ValueError, match=r"compression\.learned"):
         R1Config(kv_learned="yes")
     model = learned_model().train()
     ids = torch.randint(3, model.config.vocab_size, (2, 40))

@@ -52,7 +52,7 @@ def test_one_layer_refresh_equals_one_masked_pass_over_the_final_selection():
     T = 93
     ids = torch.randint(3, cfg.vocab_size, (1, T))
     plain, cache = prefill(model, ids, refresh=False)
-    st, b = cache.store[0], cfg.kv_block_size
+    st, b = cache.store[0], cfg.compression.block_size
     r = st.recent_start
     assert r < T - 2 * cfg.prefill_chunk  # the recent buffer spans several tiles: the refresh has work to do
 
@@ -92,7 +92,7 @@ def test_refresh_rewrites_only_the_recent_buffer():
 
 
 def test_refresh_setting_is_validated():
-    with pytest.raises(ValueError, match="kv_refresh_recent"):
+    with pytest.raises(ValueError, match=r"compression\.refresh_recent"):
         tiny_config(kv_refresh_recent="yes")
 
 
@@ -132,7 +132,7 @@ def test_lead_layer_the_other_layers_read_its_blocks(lead):
 
 def test_lead_layer_is_validated():
     for bad in (3, -4, True, 1.0):
-        with pytest.raises(ValueError, match="kv_lead_layer"):
+        with pytest.raises(ValueError, match=r"compression\.lead_layer"):
             tiny_config(kv_lead_layer=bad)
 
 

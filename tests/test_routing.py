@@ -205,7 +205,7 @@ def test_training_free_calibration_on_a_topk_checkpoint(mode, tmp_path):
     model = R1ForCausalLM.from_pretrained(tmp_path)  # plain top-k weights, no routing state in the file
     routing.set_routing(model, mode, k_min=1, k_max=4)
     values = routing.calibrate(model, ids(4, 32, seed=1), target_k=2.5)
-    assert len(values) == 2 and model.config.routing_layer_thresholds == values
+    assert len(values) == 2 and model.config.routing.layer_thresholds == values
     stats = routing.track_routing(model)
     with torch.no_grad():
         model(ids(4, 32, seed=1))
@@ -262,16 +262,16 @@ def test_k_max_equal_k_min_equals_fixed_topk():
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        (dict(routing_mode="dynamic"), "routing_mode"),
-        (dict(routing_k_min=0), "routing_k_min"),
-        (dict(routing_k_min=3, routing_k_max=2), "routing_k_min"),
-        (dict(routing_k_max=9), "routing_k_max"),
-        (dict(routing_threshold=-1.0), "routing_threshold"),
-        (dict(routing_mode="top_p", routing_threshold=1.5), "routing_threshold"),
-        (dict(routing_target_k=7.0), "routing_target_k"),
-        (dict(routing_controller_rate=-0.1), "routing_controller_rate"),
-        (dict(routing_entropy_weight=-1), "routing_entropy_weight"),
-        (dict(routing_layer_thresholds=[1.0, -2.0]), "routing_layer_thresholds"),
+        (dict(routing_mode="dynamic"), r"routing\.mode"),
+        (dict(routing_k_min=0), r"routing\.k_min"),
+        (dict(routing_k_min=3, routing_k_max=2), r"routing\.k_min"),
+        (dict(routing_k_max=9), r"routing\.k_min=1, k_max=9"),
+        (dict(routing_threshold=-1.0), r"routing\.threshold"),
+        (dict(routing_mode="top_p", routing_threshold=1.5), r"routing\.threshold"),
+        (dict(routing_target_k=7.0), r"routing\.target_k"),
+        (dict(routing_controller_rate=-0.1), r"routing\.controller_rate"),
+        (dict(routing_entropy_weight=-1), r"routing\.entropy_weight"),
+        (dict(routing_layer_thresholds=[1.0, -2.0]), r"routing\.layer_thresholds"),
     ],
 )
 def test_bad_routing_config_names_the_field(kwargs, field):
@@ -281,9 +281,9 @@ def test_bad_routing_config_names_the_field(kwargs, field):
 
 def test_set_routing_rejects_bad_values_and_leaves_the_model_alone():
     model = random_model(tiny_config(groups=True))  # 2 of 4 groups of 2 experts: 4 reachable
-    with pytest.raises(ValueError, match="routing_k_max"):
+    with pytest.raises(ValueError, match=r"routing\.k_min=1, k_max=6"):
         routing.set_routing(model, "entropy", k_max=6)
-    assert model.config.routing_mode == "topk" and first_moe(model).gate.adaptive is None
+    assert model.config.routing.mode == "topk" and first_moe(model).gate.adaptive is None
     with pytest.raises(ValueError, match="unknown routing field"):
         routing.set_routing(model, "entropy", kmax=2)
     with pytest.raises(ValueError, match="set_routing"):
@@ -305,7 +305,7 @@ def test_cli_calibrates_a_checkpoint_and_reports_stats(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "thresholds" in out and "model.layers.2.mlp" in out
     cal = R1ForCausalLM.from_pretrained(tmp_path / "cal")
-    assert cal.config.routing_mode == "entropy" and len(cal.config.routing_layer_thresholds) == 2
+    assert cal.config.routing.mode == "entropy" and len(cal.config.routing.layer_thresholds) == 2
     assert main(["routing", "stats", "--model", str(tmp_path / "cal"), "--data", str(tmp_path / "data.txt")]) == 0
     mean_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mean")][0]
     assert 2.0 <= float(mean_line.split()[1]) <= 2.5

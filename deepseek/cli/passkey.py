@@ -90,7 +90,7 @@ def run_eval(args) -> int:
                                    tok=model_tokenizer(args.model))  # fmt: skip
             result[f"{n // 1024}k_{mode}"] = acc
             print(f"{n:>7} {mode:<10} {acc:.2f}", flush=True)
-    skip = model.config.kv_window + 2 * model.config.kv_block_size  # where the caches start to differ
+    skip = model.config.compression.window + 2 * model.config.compression.block_size  # where the caches start to differ
     for n in [int(x) for x in args.ppl_lengths.split(",") if x]:
         ids = essay_ids(n, tok=model_tokenizer(args.model))
         for mode in args.modes.split(","):

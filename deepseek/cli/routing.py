@@ -107,6 +107,6 @@ def run_stats(args) -> int:
     path, ids = load_tokens(args.model, args.data, args.tokens)
     model = R1ForCausalLM.from_pretrained(path)
     routing.apply_thresholds(model)
-    print(f"routing_mode={model.config.routing_mode}")
+    print(f"routing_mode={model.config.routing.mode}")
     print_stats(model, ids)
     return 0

@@ -120,8 +120,8 @@ def load_pretrained(cls, name_or_path, config: R1Config | None = None, dtype=Non
     has_mtp = any(is_mtp_key(k, config.num_hidden_layers) for k in key_file)
     if use_mtp is None:
         use_mtp = has_mtp
-    config.use_mtp = bool(use_mtp and config.num_nextn_predict_layers > 0)
-    if config.use_mtp and not has_mtp:
+    config.build_mtp = bool(use_mtp and config.num_nextn_predict_layers > 0)
+    if config.build_mtp and not has_mtp:
         raise ValueError(f"use_mtp=True but {path} holds no MTP weights (model.layers.{config.num_hidden_layers}.*)")
     if getattr(config, "quantization_config", None):
         del config.quantization_config  # weights are dequantised on load
@@ -144,7 +144,7 @@ def load_pretrained(cls, name_or_path, config: R1Config | None = None, dtype=Non
     for key, file in key_file.items():
         if key.endswith(SCALE_SUFFIX):
             continue
-        if is_mtp_key(key, config.num_hidden_layers) and not config.use_mtp:
+        if is_mtp_key(key, config.num_hidden_layers) and not config.build_mtp:
             continue
         target = checkpoint_to_module(key, config.num_hidden_layers)
         if target.name not in params:
@@ -269,7 +269,7 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB", st
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write(out_dir / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
     config = model.config
-    config.architectures = [type(model).__name__]
+    config.architectures = ["R1ForCausalLM"]  # the model class (the SDK's R1Model adds no weights)
     _atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(config.to_json_string()))
     return out_dir
 

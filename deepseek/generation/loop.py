@@ -157,7 +157,7 @@ def generate(
 def generate_long(model, input_ids, max_new_tokens: int = 16, compressed: bool | None = None,
                   chunk: int | None = None, progress: bool = False, stop_ids=()) -> GenerateOutput:  # fmt: skip
     """Greedy generation after a chunked prefill (config.prefill_chunk), on the cache the config asks for
-    (compressed when config.kv_compress, or as `compressed` says)."""
+    (compressed when config.compression.enabled, or as `compressed` says)."""
     from ..model.longctx.prefill import make_cache
 
     B, T = input_ids.shape

@@ -12,7 +12,7 @@ The cheaper one is picked by arithmetic (see `use_absorbed`), never by a magic s
 what the queries attend to; when that is more than one dense group (the hierarchical cache's sinks, selected
 blocks, coarse means and window) only the absorbed form applies.
 
-With config.kv_learned each layer holds `nsa` (longctx/learned.py): learned gates per key group, and in
+With config.compression.learned each layer holds `nsa` (longctx/learned.py): learned gates per key group, and in
 training without a cache the compressed cache's attention pattern over the whole sequence, so the learned
 parts get gradients.
 """
@@ -54,7 +54,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=config.attention_bias)
         self.scale = softmax_scale(config.rope_parameters, self.qk_dim)
         # learned block summaries + branch gates for the compressed cache (longctx/learned.py), or none
-        self.nsa: NSAParams | None = NSAParams(config) if config.kv_learned else None
+        self.nsa: NSAParams | None = NSAParams(config) if config.compression.learned else None
 
     def use_absorbed(self, T: int) -> bool:
         """Absorbed costs ~T*S*H*2(C+R) per layer; expanded costs ~S*H*C*(N+V) to re-expand the cache."""

@@ -1,10 +1,18 @@
-"""R1Config: the DeepSeek-V3/R1 architecture config, plus this project's own fields.
+"""R1Config: the DeepSeek-V3/R1 architecture config, plus this project's two components' own settings.
 
 A real DeepSeek-V3 / R1 `config.json` (model_type "deepseek_v3", with `rope_scaling` or `rope_parameters`)
 loads as is. Impossible values raise a ValueError naming the field and what is allowed.
+
+    config.routing       RoutingConfig: expert routing (deepseek/model/routing.py); config.json key "routing"
+    config.compression   CompressionConfig: the hierarchical latent cache (deepseek/model/longctx); "compression"
+
+Both are validated dataclasses. Checkpoints saved with the earlier flat keys (`routing_mode`, `kv_block_size`,
+...) still load: R1Config(routing_mode="entropy") and R1Config(kv_window=64) fill the sub-configs.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
 
 from transformers import PretrainedConfig
 
@@ -13,6 +21,136 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
 ROUTING_MODES = ("topk", "entropy", "top_p")  # see deepseek/model/routing.py
 KV_QUANT_BITS = (0, 2, 4, 8)
+
+
+def _positive_int(owner: str, name: str, value, zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero else 1):
+        raise ValueError(f"{owner}.{name} must be a {'non-negative' if zero else 'positive'} integer, got {value!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass
+class RoutingConfig:
+    """How many routed experts a token activates (deepseek/model/routing.py). mode "topk": the plain router."""
+
+    mode: str = "topk"  # "topk", "entropy" (k from the routing entropy) or "top_p" (k from the routing mass)
+    k_min: int = 1
+    k_max: int | None = None  # None: num_experts_per_tok
+    threshold: float | None = None  # None: the mode's default (entropy 1.0, top_p 0.9)
+    target_k: float | None = None  # training: a controller holds the batch mean k here
+    controller_rate: float = 0.05
+    entropy_weight: float = 0.0  # routing-entropy regulariser weight
+    layer_thresholds: list[float] | None = None  # per MoE layer, as `export_thresholds` / `calibrate` write them
+
+    def __post_init__(self):
+        if self.mode not in ROUTING_MODES:
+            raise ValueError(f"R1Config.routing.mode={self.mode!r}; allowed: {', '.join(ROUTING_MODES)}")
+        _positive_int("R1Config.routing", "k_min", self.k_min)
+        if self.k_max is not None:
+            _positive_int("R1Config.routing", "k_max", self.k_max)
+        t = self.threshold
+        if t is not None and (not _number(t) or t <= 0):
+            raise ValueError(f"R1Config.routing.threshold must be a positive number or null, got {t!r}")
+        if self.mode == "top_p" and t is not None and t > 1:
+            raise ValueError(f"R1Config.routing.threshold={t} is a probability mass for mode 'top_p': "
+                             "use 0 < threshold <= 1")  # fmt: skip
+        for name in ("controller_rate", "entropy_weight"):
+            v = getattr(self, name)
+            if not _number(v) or v < 0:
+                raise ValueError(f"R1Config.routing.{name} must be a non-negative number, got {v!r}")
+        per_layer = self.layer_thresholds
+        if per_layer is not None and (
+            not isinstance(per_layer, list | tuple) or not all(_number(v) and v > 0 for v in per_layer)
+        ):
+            raise ValueError(f"R1Config.routing.layer_thresholds must be a list of positive numbers, got {per_layer!r}")
+
+    def validate(self, reach: int) -> None:
+        """Checks against the model: reach = experts the router can pick for one token."""
+        self.__post_init__()
+        lo, hi = self.k_min, self.k_max
+        if not lo <= hi <= reach:
+            raise ValueError(f"R1Config.routing.k_min={lo}, k_max={hi}: need 1 <= k_min <= k_max <= {reach} "
+                             "(the experts reachable by the router)")  # fmt: skip
+        tk = self.target_k
+        if tk is not None and (not _number(tk) or not lo <= tk <= hi):
+            raise ValueError(f"R1Config.routing.target_k={tk!r} must be a number in k_min..k_max ({lo}..{hi})")
+
+
+@dataclass
+class CompressionConfig:
+    """The hierarchical compressed latent cache (deepseek/model/longctx/cache.py, docs/long_context.md)."""
+
+    enabled: bool = False  # long prompts use the CompressedLatentCache by default
+    block_size: int = 64  # tokens per block (summaries, selection, quantisation unit)
+    sink_blocks: int = 1  # first blocks kept at full precision (attention sinks)
+    window: int = 512  # most recent tokens kept at full precision
+    topk_blocks: int = 16  # older blocks read in full per query tile (Quest/NSA selection)
+    select_span: int = 1  # ... chosen as runs of this many consecutive blocks (1 = single blocks)
+    quant_bits: int = 4  # bits for older blocks' latent; 0 = keep full precision
+    quant_group: int = 64  # channels sharing one scale / zero point
+    coarse: bool = True  # unselected blocks still attended through their mean latent
+    offload: bool = False  # quantised blocks live in host memory, fetched when selected
+    learned: bool = False  # learned block summaries + branch gates (NSA), trained compressed
+    compact_positions: bool = False  # attended set at contiguous rope positions (length extrapolation)
+    refresh_recent: bool = False  # prefill ends re-encoding the recent buffer (one selection)
+    lead_layer: int | None = None  # decode + refresh: the other layers read this layer's selection
+
+    def __post_init__(self):
+        for name in ("block_size", "topk_blocks", "quant_group", "select_span"):
+            _positive_int("R1Config.compression", name, getattr(self, name))
+        for name in ("sink_blocks", "window"):
+            _positive_int("R1Config.compression", name, getattr(self, name), zero=True)
+        if self.topk_blocks % self.select_span:
+            raise ValueError(f"R1Config.compression.select_span={self.select_span} must divide "
+                             f"topk_blocks={self.topk_blocks}")  # fmt: skip
+        for name in ("enabled", "coarse", "offload", "learned", "compact_positions", "refresh_recent"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"R1Config.compression.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.quant_bits not in KV_QUANT_BITS:
+            raise ValueError(f"R1Config.compression.quant_bits={self.quant_bits!r}; allowed: 0 (off), 2, 4, 8")
+        lead = self.lead_layer
+        if lead is not None and (not isinstance(lead, int) or isinstance(lead, bool)):
+            raise ValueError(f"R1Config.compression.lead_layer={lead!r} must be None or a layer index")
+
+    def validate(self, n_layers: int, latent_dims: dict[str, int]) -> None:
+        """Checks against the model: layer count and the latent widths the quantisation groups must divide."""
+        self.__post_init__()
+        lead = self.lead_layer
+        if lead is not None and not -n_layers <= lead < n_layers:
+            raise ValueError(f"R1Config.compression.lead_layer={lead!r} must be None or a layer index "
+                             f"(-{n_layers}..{n_layers - 1})")  # fmt: skip
+        for name, dim in latent_dims.items():
+            if dim % min(self.quant_group, dim):
+                raise ValueError(f"R1Config.compression.quant_group={self.quant_group} must divide {name}={dim} "
+                                 "(or exceed it)")  # fmt: skip
+
+
+# the earlier flat config.json keys of the two sub-configs (still read; never written)
+FLAT_ROUTING = {f"routing_{f.name}": f.name for f in fields(RoutingConfig)}
+FLAT_COMPRESSION = {"kv_compress": "enabled", **{f"kv_{f.name}": f.name for f in fields(CompressionConfig)
+                                                 if f.name != "enabled"}}  # fmt: skip
+
+
+def _sub_config(cls, given, flat: dict, kwargs: dict):
+    """A sub-config from its dict / instance plus any legacy flat keys popped from kwargs (flat keys win)."""
+    if isinstance(given, cls):
+        values = asdict(given)
+    elif isinstance(given, dict):
+        unknown = set(given) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"R1Config: unknown {cls.__name__} field(s) {', '.join(sorted(unknown))}")
+        values = dict(given)
+    elif given is None:
+        values = {}
+    else:
+        raise ValueError(f"R1Config: {cls.__name__} must be a dict, got {type(given).__name__}")
+    for old, new in flat.items():
+        if old in kwargs:
+            values[new] = kwargs.pop(old)
+    return cls(**values)
 
 
 class R1Config(PretrainedConfig):
@@ -62,28 +200,8 @@ class R1Config(PretrainedConfig):
         rope_interleave: bool = True,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
-        routing_mode: str = "topk",
-        routing_k_min: int = 1,
-        routing_k_max: int | None = None,
-        routing_threshold: float | None = None,
-        routing_target_k: float | None = None,
-        routing_controller_rate: float = 0.05,
-        routing_entropy_weight: float = 0.0,
-        routing_layer_thresholds: list[float] | None = None,
-        kv_compress: bool = False,
-        kv_block_size: int = 64,
-        kv_sink_blocks: int = 1,
-        kv_window: int = 512,
-        kv_topk_blocks: int = 16,
-        kv_select_span: int = 1,
-        kv_quant_bits: int = 4,
-        kv_quant_group: int = 64,
-        kv_coarse: bool = True,
-        kv_offload: bool = False,
-        kv_learned: bool = False,
-        kv_compact_positions: bool = False,
-        kv_refresh_recent: bool = False,
-        kv_lead_layer: int | None = None,
+        routing: RoutingConfig | dict | None = None,
+        compression: CompressionConfig | dict | None = None,
         prefill_chunk: int = 1024,
         **kwargs,
     ):
@@ -121,31 +239,17 @@ class R1Config(PretrainedConfig):
         self.rope_interleave = rope_interleave
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
-        # Adaptive routing (deepseek/model/routing.py); "topk" is the plain DeepSeek-V3 router.
-        self.routing_mode = routing_mode
-        self.routing_k_min = routing_k_min
-        self.routing_k_max = routing_k_max if routing_k_max is not None else num_experts_per_tok
-        self.routing_threshold = routing_threshold
-        self.routing_target_k = routing_target_k
-        self.routing_controller_rate = routing_controller_rate
-        self.routing_entropy_weight = routing_entropy_weight
-        self.routing_layer_thresholds = routing_layer_thresholds
-        # Hierarchical latent-cache compression (deepseek/model/longctx, docs/long_context.md).
-        self.kv_compress = kv_compress  # use CompressedLatentCache by default for long prompts
-        self.kv_block_size = kv_block_size  # tokens per block (summaries, selection, quantisation unit)
-        self.kv_sink_blocks = kv_sink_blocks  # first blocks kept at full precision (attention sinks)
-        self.kv_window = kv_window  # most recent tokens kept at full precision
-        self.kv_topk_blocks = kv_topk_blocks  # older blocks read in full per query tile (Quest/NSA selection)
-        self.kv_select_span = kv_select_span  # ... chosen as runs of this many consecutive blocks (1 = single)
-        self.kv_quant_bits = kv_quant_bits  # bits for older blocks' latent; 0 = keep full precision
-        self.kv_quant_group = kv_quant_group  # channels sharing one scale/zero
-        self.kv_coarse = kv_coarse  # unselected blocks still attended through their mean latent
-        self.kv_offload = kv_offload  # quantised blocks live in host memory, fetched when selected
-        self.kv_learned = kv_learned  # learned block summaries + branch gates (NSA), trained compressed
-        self.kv_compact_positions = kv_compact_positions  # attended set at contiguous rope positions (extrapolation)
-        self.kv_refresh_recent = kv_refresh_recent  # prefill ends re-encoding the recent buffer (one selection)
-        self.kv_lead_layer = kv_lead_layer  # decode + refresh: other layers read this layer's selection
+        # the two components' settings (routing.py, longctx/), from their dicts or the earlier flat keys
+        self.routing = _sub_config(RoutingConfig, routing, FLAT_ROUTING, kwargs)
+        if self.routing.k_max is None:
+            self.routing.k_max = num_experts_per_tok
+        self.compression = _sub_config(CompressionConfig, compression, FLAT_COMPRESSION, kwargs)
         self.prefill_chunk = prefill_chunk  # tokens per chunk in chunked prefill
+        # build the MTP modules (False: a checkpoint without them); read from the earlier key `use_mtp`, which
+        # transformers' GenerationConfig now takes for MTP speculative decoding, so it is never written
+        self.build_mtp = kwargs.pop("build_mtp", kwargs.pop("use_mtp", True))
+        self.mtp_loss_weight = kwargs.pop("mtp_loss_weight", 0.0)  # default lambda of the MTP loss in forward
+        self.weight_quantization = kwargs.pop("weight_quantization", None)  # "int8" after quantize_int8
         # Derived sizes other libraries read (transformers' DeepseekV3 uses head_dim = rope dims).
         kwargs.pop("qk_head_dim", None)
         kwargs.pop("head_dim", None)
@@ -204,70 +308,47 @@ class R1Config(PretrainedConfig):
             raise ValueError(f"R1Config.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.hidden_act != "silu":
             raise ValueError(f"R1Config.hidden_act={self.hidden_act!r}; allowed: silu")
-        self.validate_routing()
+        _positive_int("R1Config", "prefill_chunk", self.prefill_chunk)
+        self.validate_components()
 
-    def validate_routing(self) -> None:
-        if self.routing_mode not in ROUTING_MODES:
-            raise ValueError(f"R1Config.routing_mode={self.routing_mode!r}; allowed: {', '.join(ROUTING_MODES)}")
-        lo, hi = self.routing_k_min, self.routing_k_max
-        for name, value in (("routing_k_min", lo), ("routing_k_max", hi)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"R1Config.{name} must be a positive integer, got {value!r}")
+    def validate_components(self) -> None:
+        """The routing and compression settings, checked against this model (call after changing them)."""
         reach = self.topk_group * (self.n_routed_experts // self.n_group) if self.n_group > 1 else self.n_routed_experts
-        if not lo <= hi <= reach:
-            raise ValueError(f"R1Config.routing_k_min={lo}, routing_k_max={hi}: need 1 <= k_min <= k_max <= {reach} "
-                             "(the experts reachable by the router)")  # fmt: skip
-        t = self.routing_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or t <= 0):
-            raise ValueError(f"R1Config.routing_threshold must be a positive number or null, got {t!r}")
-        if self.routing_mode == "top_p" and t is not None and t > 1:
-            raise ValueError(f"R1Config.routing_threshold={t} is a probability mass for routing_mode='top_p': "
-                             "use 0 < threshold <= 1")  # fmt: skip
-        tk = self.routing_target_k
-        if tk is not None and (isinstance(tk, bool) or not isinstance(tk, int | float) or not lo <= tk <= hi):
-            raise ValueError(f"R1Config.routing_target_k={tk!r} must be a number in routing_k_min..routing_k_max "
-                             f"({lo}..{hi})")  # fmt: skip
-        rate = self.routing_controller_rate
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
-            raise ValueError(f"R1Config.routing_controller_rate must be a non-negative number, got {rate!r}")
-        w = self.routing_entropy_weight
-        if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
-            raise ValueError(f"R1Config.routing_entropy_weight must be a non-negative number, got {w!r}")
-        per_layer = self.routing_layer_thresholds
-        if per_layer is not None and (
-            not isinstance(per_layer, list | tuple) or not all(isinstance(v, int | float) and v > 0 for v in per_layer)
-        ):
-            raise ValueError(f"R1Config.routing_layer_thresholds must be a list of positive numbers, got {per_layer!r}")
-        self.validate_kv_compression()
+        self.routing.validate(reach)
+        self.compression.validate(self.num_hidden_layers, {"kv_lora_rank": self.kv_lora_rank,
+                                                           "qk_rope_head_dim": self.qk_rope_head_dim})  # fmt: skip
 
-    def validate_kv_compression(self) -> None:
-        for name in ("kv_block_size", "kv_topk_blocks", "kv_quant_group", "prefill_chunk"):
-            value = getattr(self, name, 1)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"R1Config.{name} must be a positive integer, got {value!r}")
-        span = getattr(self, "kv_select_span", 1)
-        if not isinstance(span, int) or isinstance(span, bool) or span <= 0 or self.kv_topk_blocks % span:
-            raise ValueError(f"R1Config.kv_select_span={span!r} must be a positive integer dividing "
-                             f"kv_topk_blocks={self.kv_topk_blocks}")
-        for name in ("kv_sink_blocks", "kv_window"):
-            value = getattr(self, name, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"R1Config.{name} must be a non-negative integer, got {value!r}")
-        lead = getattr(self, "kv_lead_layer", None)
-        if lead is not None and (not isinstance(lead, int) or isinstance(lead, bool)
-                                 or not -self.num_hidden_layers <= lead < self.num_hidden_layers):  # fmt: skip
-            raise ValueError(f"R1Config.kv_lead_layer={lead!r} must be None or a layer index "
-                             f"(-{self.num_hidden_layers}..{self.num_hidden_layers - 1})")
-        for name in ("kv_learned", "kv_compact_positions", "kv_refresh_recent"):
-            if not isinstance(getattr(self, name, False), bool):
-                raise ValueError(f"R1Config.{name} must be true or false, got {getattr(self, name)!r}")
-        if getattr(self, "kv_quant_bits", 4) not in KV_QUANT_BITS:
-            raise ValueError(f"R1Config.kv_quant_bits={self.kv_quant_bits!r}; allowed: 0 (off), 2, 4, 8")
-        group = getattr(self, "kv_quant_group", 64)
-        for name in ("kv_lora_rank", "qk_rope_head_dim"):
-            dim = getattr(self, name)
-            if dim % min(group, dim):
-                raise ValueError(f"R1Config.kv_quant_group={group} must divide {name}={dim} (or exceed it)")
+    def __setattr__(self, name, value):
+        if name in FLAT_ROUTING or name in FLAT_COMPRESSION:  # an earlier flat name: refuse, never ignore
+            part, field = ("routing", FLAT_ROUTING[name]) if name in FLAT_ROUTING else ("compression", FLAT_COMPRESSION[name])
+            raise AttributeError(f"R1Config.{name} is now config.{part}.{field} "
+                                 f"(or config.set_components({name}=...))")  # fmt: skip
+        super().__setattr__(name, value)
+
+    def set_components(self, **settings) -> None:
+        """Change routing / compression settings by their flat names (routing_mode="entropy", kv_window=64,
+        prefill_chunk=..., num_experts_per_tok=...), validated together: on a bad value nothing changes."""
+        settings = dict(settings)
+        routing = _sub_config(RoutingConfig, self.routing, FLAT_ROUTING, settings)
+        compression = _sub_config(CompressionConfig, self.compression, FLAT_COMPRESSION, settings)
+        plain = {k: settings.pop(k) for k in ("prefill_chunk", "num_experts_per_tok") if k in settings}
+        if settings:
+            raise ValueError(f"R1Config.set_components: unknown setting(s) {', '.join(sorted(settings))}")
+        old = {"routing": self.routing, "compression": self.compression,
+               **{k: getattr(self, k) for k in plain}}  # fmt: skip
+        for k, v in {"routing": routing, "compression": compression, **plain}.items():
+            setattr(self, k, v)
+        try:
+            self.validate_r1()
+        except ValueError:
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["routing"], d["compression"] = asdict(self.routing), asdict(self.compression)
+        return d
 
     @property
     def num_dense_layers(self) -> int:

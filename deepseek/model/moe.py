@@ -11,7 +11,7 @@ Expert execution: assignments are sorted by expert and run as two grouped matmul
 no Python loop over experts; `experts_reference` is the plain per-expert loop kept as the oracle. A slot whose
 expert index is -1 is skipped, so a variable number of experts per token costs only what it uses.
 
-Adaptive routing (R1Config.routing_mode "entropy" / "top_p", deepseek/model/routing.py) replaces `select` by a
+Adaptive routing (R1Config.routing.mode "entropy" / "top_p", deepseek/model/routing.py) replaces `select` by a
 variable-k choice when the Router is built with an `adaptive` policy; without one the plain path runs unchanged.
 
 Observers: `moe.observe(fn)` calls fn(moe, Routing) after each forward's routing (training losses, load counts,

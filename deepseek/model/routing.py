@@ -2,7 +2,7 @@
 
 Legend: N tokens, E routed experts, K = k_max candidate slots, L MoE layers.
 
-A token's k (R1Config.routing_mode):
+A token's k (R1Config.routing.mode):
   candidates_NK  the plain router's own top-k_max choice (sigmoid/softmax scores, selection-only bias, group
                  limit), ordered by the biased selection score, so keeping the first m candidates is exactly the
                  plain router at top-m.
@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 
 import torch
 from torch import nn
 
+from .config import RoutingConfig
 from .moe import MoE, Routing, moe_layers
 
 __all__ = ["AdaptiveRouting", "RoutingStats", "adaptive_routers", "adaptive_routing", "calibrate", "moe_layers",
@@ -69,7 +71,7 @@ def k_from_mass(q_NK: torch.Tensor, threshold: float, k_min: int, k_max: int) ->
 
 def adaptive_routing(config) -> AdaptiveRouting | None:
     """The routing policy the config asks for: None for plain top-k, else a variable-k AdaptiveRouting."""
-    return None if config.routing_mode == "topk" else AdaptiveRouting(config)
+    return None if config.routing.mode == "topk" else AdaptiveRouting(config)
 
 
 class AdaptiveRouting(nn.Module):
@@ -77,13 +79,13 @@ class AdaptiveRouting(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        config.validate_routing()
-        self.mode = config.routing_mode
-        self.k_min, self.k_max = config.routing_k_min, config.routing_k_max
-        self.target_k = config.routing_target_k
-        self.rate = float(config.routing_controller_rate)
-        self.entropy_weight = float(config.routing_entropy_weight)
-        t = config.routing_threshold
+        config.validate_components()
+        self.mode = config.routing.mode
+        self.k_min, self.k_max = config.routing.k_min, config.routing.k_max
+        self.target_k = config.routing.target_k
+        self.rate = float(config.routing.controller_rate)
+        self.entropy_weight = float(config.routing.entropy_weight)
+        t = config.routing.threshold
         self.threshold = float(t if t is not None else DEFAULT_THRESHOLD[self.mode])
         self.calibrating = False
         self.last_k = None  # (N,) experts per token of the last forward
@@ -244,23 +246,15 @@ def set_routing(model, mode: str, top_k: int | None = None, **fields) -> None:
     "entropy" or "top_p" with any routing_* field given without its prefix (k_min=1, threshold=1.0, ...).
     The config is updated and validated first, so a bad value fails before anything changes."""
     config = model.config
-    updates = {"routing_mode": mode, **{f"routing_{k}": v for k, v in fields.items()}}
-    unknown = [k for k in updates if not hasattr(config, k)]
-    if unknown:
-        raise ValueError(f"set_routing: unknown routing field(s) {', '.join(unknown)}")
     if top_k is not None and mode != "topk":
         raise ValueError("set_routing: top_k applies to mode='topk'; use k_min/k_max for adaptive modes")
-    old = {k: getattr(config, k) for k in updates}
-    for k, v in updates.items():
-        setattr(config, k, v)
+    unknown = sorted(set(fields) - {f.name for f in dataclass_fields(RoutingConfig)})
+    if unknown:
+        raise ValueError(f"set_routing: unknown routing field(s) {', '.join(f'routing_{k}' for k in unknown)}")
+    updates = {"routing_mode": mode, **{f"routing_{k}": v for k, v in fields.items()}}
     if top_k is not None:
-        old["num_experts_per_tok"], config.num_experts_per_tok = config.num_experts_per_tok, top_k
-    try:
-        config.validate_r1()
-    except ValueError:
-        for k, v in old.items():
-            setattr(config, k, v)
-        raise
+        updates["num_experts_per_tok"] = top_k
+    config.set_components(**updates)
     for _, moe in moe_layers(model):
         moe.gate.top_k = config.num_experts_per_tok
         moe.gate.adaptive = None if mode == "topk" else AdaptiveRouting(config).train(model.training)
@@ -273,16 +267,16 @@ def adaptive_routers(model) -> list[AdaptiveRouting]:
 
 
 def export_thresholds(model) -> list[float]:
-    """Write every layer's threshold into config.routing_layer_thresholds (saved with the checkpoint)."""
+    """Write every layer's threshold into config.routing.layer_thresholds (saved with the checkpoint)."""
     values = [r.threshold for r in adaptive_routers(model)]
-    model.config.routing_layer_thresholds = values
+    model.config.routing.layer_thresholds = values
     return values
 
 
 def apply_thresholds(model) -> None:
-    """Load config.routing_layer_thresholds into the layers (call after from_pretrained of a calibrated or
+    """Load config.routing.layer_thresholds into the layers (call after from_pretrained of a calibrated or
     entropy-trained checkpoint)."""
-    values = model.config.routing_layer_thresholds
+    values = model.config.routing.layer_thresholds
     routers = adaptive_routers(model)
     if values is None:
         return
@@ -296,13 +290,13 @@ def apply_thresholds(model) -> None:
 def calibrate(model, input_ids: torch.Tensor, target_k: float, attention_mask=None) -> list[float]:
     """Training-free: set each layer's threshold so that its mean k on these tokens is the largest value
     <= target_k. One forward pass; layer l is solved on the activations produced by the already-calibrated
-    layers below it. Returns the thresholds (also written to config.routing_layer_thresholds)."""
+    layers below it. Returns the thresholds (also written to config.routing.layer_thresholds)."""
     routers = adaptive_routers(model)
     if not routers:
         raise ValueError("calibrate: the model has no adaptive routing; call set_routing(model, 'entropy') first")
-    lo, hi = model.config.routing_k_min, model.config.routing_k_max
+    lo, hi = model.config.routing.k_min, model.config.routing.k_max
     if not lo <= target_k <= hi:
-        raise ValueError(f"calibrate: target_k={target_k} must be in routing_k_min..routing_k_max ({lo}..{hi})")
+        raise ValueError(f"calibrate: target_k={target_k} must be in routing_k_min..routing.k_max ({lo}..{hi})")
     saved = [(r.target_k, r.calibrating) for r in routers]
     for r in routers:
         r.target_k, r.calibrating = float(target_k), True

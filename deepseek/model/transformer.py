@@ -168,7 +168,7 @@ class R1ForCausalLM(R1PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = R1TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        n_mtp = config.num_nextn_predict_layers if getattr(config, "use_mtp", True) else 0
+        n_mtp = config.num_nextn_predict_layers if config.build_mtp else 0
         self.mtp = nn.ModuleList(MTPLayer(config, d) for d in range(n_mtp))
         self.post_init()
 
@@ -210,7 +210,7 @@ class R1ForCausalLM(R1PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-            weight = mtp_loss_weight if mtp_loss_weight is not None else getattr(self.config, "mtp_loss_weight", 0.0)
+            weight = mtp_loss_weight if mtp_loss_weight is not None else self.config.mtp_loss_weight
             if weight and len(self.mtp) and input_ids is not None:
                 loss = loss + weight * self.mtp_loss(out.hidden_states[0], input_ids, labels, position_ids)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)

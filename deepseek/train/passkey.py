@@ -43,8 +43,8 @@ VIEW_SETTINGS = dict(kv_compress=True, kv_block_size=64, kv_window=64, prefill_c
 
 def view_length(config) -> int:
     """Longest compact view (compact_view) a query sees: sinks + top-k blocks + the largest recent buffer."""
-    b = config.kv_block_size
-    return config.kv_sink_blocks * b + config.kv_topk_blocks * b + config.kv_window + b + config.prefill_chunk
+    b = config.compression.block_size
+    return config.compression.sink_blocks * b + config.compression.topk_blocks * b + config.compression.window + b + config.prefill_chunk
 
 
 def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[tuple[int, int]],
@@ -59,11 +59,11 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
     layout=True returns (view, selected_end, last_chunk_start): the selected blocks are view[sinks:selected_end],
     the last prefill chunk (whose tile selected them) starts at last_chunk_start; (prompt, 0, 0) if nothing is cut.
     Training on these rows teaches retrieval across the cuts the cache makes."""
-    b, T = config.kv_block_size, prompt_T.numel()
-    sink = config.kv_sink_blocks * b
+    b, T = config.compression.block_size, prompt_T.numel()
+    sink = config.compression.sink_blocks * b
     last_chunk = rng.randint(1, config.prefill_chunk)  # the recent buffer: [window, window + b) + last chunk
-    n = max(0, (T - last_chunk - config.kv_window - sink) // b)  # sealed blocks
-    if n <= config.kv_topk_blocks:
+    n = max(0, (T - last_chunk - config.compression.window - sink) // b)  # sealed blocks
+    if n <= config.compression.topk_blocks:
         return (prompt_T, 0, 0) if layout else prompt_T
     r = sink + n * b
 
@@ -71,7 +71,7 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
         lo, hi = max(span[0], sink), min(span[1], r)
         return list(range((lo - sink) // b, (hi - 1 - sink) // b + 1)) if lo < hi else []
 
-    k, s = config.kv_topk_blocks, getattr(config, "kv_select_span", 1)
+    k, s = config.compression.topk_blocks, config.compression.select_span
     chosen: list[int] = []
 
     def take(run) -> None:  # a run of blocks joins the selection if it is disjoint from it and fits
@@ -154,7 +154,7 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
         answer.append(ans)
         if with_mask:
             m = torch.ones(length, length, dtype=torch.bool).tril()
-            sink = view.kv_sink_blocks * view.kv_block_size if view is not None else 0
+            sink = view.compression.sink_blocks * view.compression.block_size if view is not None else 0
             m[sel_end:tail, sink:sel_end] = False  # empty unless a view row
             if blind_first_layer:
                 m0 = m.clone()
@@ -182,9 +182,9 @@ def deepen(model, layers: int):
     old = model.config.num_hidden_layers
     if layers % old or model.config.first_k_dense_replace < old:
         raise ValueError(f"deepen: {layers} layers is not a multiple of {old}, or the model has MoE layers")
-    config = type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": layers,
-                                           "first_k_dense_replace": layers,
-                                           "kv_lead_layer": None})  # the old lead index names another layer now  # fmt: skip
+    d = model.config.to_dict()
+    d["compression"]["lead_layer"] = None  # the old lead index names another layer now
+    config = type(model.config).from_dict({**d, "num_hidden_layers": layers, "first_k_dense_replace": layers})
     new = R1ForCausalLM(config)
     state, per = {}, layers // old
     for k, v in model.state_dict().items():
@@ -236,13 +236,10 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         model = deepen(model, layers)
     model.train()
     if view:
-        for k, v in VIEW_SETTINGS.items():
-            setattr(model.config, k, v)
-        if view_topk is not None:
-            model.config.kv_topk_blocks = view_topk
+        extra = {"kv_topk_blocks": view_topk} if view_topk is not None else {}
         if lead_layer is not None:
-            model.config.kv_lead_layer = lead_layer
-        model.config.validate_kv_compression()
+            extra["kv_lead_layer"] = lead_layer
+        model.config.set_components(**VIEW_SETTINGS, **extra)
         if length < view_length(model.config) + 8:
             raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
     eval_length = 4 * length if view else length  # views: prompts long enough to have sealed blocks
@@ -301,8 +298,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if isinstance(tok, HFTokenizer):
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
-           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "layers": model.config.num_hidden_layers, "lead_layer": model.config.kv_lead_layer, "losses": losses, "answer_losses": answer_losses,
-           "evals": evals, "multi_evals": multi_evals, "view_topk": model.config.kv_topk_blocks if view else None}  # fmt: skip
+           "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "layers": model.config.num_hidden_layers, "lead_layer": model.config.compression.lead_layer, "losses": losses, "answer_losses": answer_losses,
+           "evals": evals, "multi_evals": multi_evals, "view_topk": model.config.compression.topk_blocks if view else None}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
 

@@ -256,7 +256,7 @@ def build_model(config: TrainConfig) -> R1ForCausalLM:
         return R1ForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
     torch.manual_seed(config.seed)
     model_cfg = R1Config(**config.model)
-    model_cfg.use_mtp = config.mtp_loss_weight > 0 and model_cfg.num_nextn_predict_layers > 0
+    model_cfg.build_mtp = config.mtp_loss_weight > 0 and model_cfg.num_nextn_predict_layers > 0
     model_cfg.mtp_loss_weight = config.mtp_loss_weight
     return R1ForCausalLM(model_cfg)
 

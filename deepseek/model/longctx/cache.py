@@ -9,7 +9,7 @@ Per layer, the positions 0..L-1 live in exactly one of three places:
     [ sinks: first kv_sink_blocks blocks, full precision ]      always attended
     [ sealed blocks: kv_quant_bits-bit latent + summaries ]     top-k per query tile read in full (dequantised),
                                                                 the rest through their mean latent (coarse)
-    [ recent: the last kv_window..kv_window+b tokens, full ]    always attended, causal
+    [ recent: the last kv_window..compression.window+b tokens, full ]    always attended, causal
 
 A block is sealed (quantised, summarised) only once it has left the window, and only *after* the attention
 of the step that appended it, so every query sees its own chunk and the window at full precision.
@@ -21,7 +21,7 @@ softmaxed over blocks per query and head and summed over the tile's queries and 
 shared latent "KV head", so selection is shared across heads as NSA does for a GQA group). A prefill tile
 selects with its mean query.
 
-With config.kv_compact_positions (training-free length extrapolation, in the spirit of StreamingLLM's
+With config.compression.compact_positions (training-free length extrapolation, in the spirit of StreamingLLM's
 in-cache positions and InfLLM's), each query tile sees its attended set laid out contiguously at rope positions
 just below the recent buffer: [block means][sinks][selected blocks, in order][recent, true positions]. Sealed
 blocks store their rope keys rotated back to block-relative positions 0..b-1 (so the summaries are position-free
@@ -30,7 +30,7 @@ window + chunk + (k + 2) * b + sinks, at any context length, so a model trained 
 is never asked for a distance it has not seen. When every block is selected the slots are the true positions,
 so the lossless settings stay exact.
 
-With config.kv_learned, each layer's `attn.nsa` (longctx/learned.py) adds learned log-gates to the three
+With config.compression.learned, each layer's `attn.nsa` (longctx/learned.py) adds learned log-gates to the three
 branches' scores and learned intra-block weights to the summary mean; without it nothing changes.
 
 `reconstruct` (all positions in order) and `update` are the reference path: with kv_quant_bits=0 and
@@ -88,27 +88,27 @@ class CompressedLatentCache:
                  host_device=None):  # fmt: skip
         n_layers = layers if layers is not None else config.num_hidden_layers
         self.C, self.R = config.kv_lora_rank, config.qk_rope_head_dim
-        self.block = config.kv_block_size
-        self.sink_blocks = config.kv_sink_blocks
+        self.block = config.compression.block_size
+        self.sink_blocks = config.compression.sink_blocks
         self.sink_len = self.sink_blocks * self.block
-        self.window = config.kv_window
-        self.topk = config.kv_topk_blocks
-        self.span = getattr(config, "kv_select_span", 1)
-        self.bits = config.kv_quant_bits
-        self.group = config.kv_quant_group
-        self.coarse = config.kv_coarse
+        self.window = config.compression.window
+        self.topk = config.compression.topk_blocks
+        self.span = config.compression.select_span
+        self.bits = config.compression.quant_bits
+        self.group = config.compression.quant_group
+        self.coarse = config.compression.coarse
         self.chunk = config.prefill_chunk
-        self.compact = getattr(config, "kv_compact_positions", False)
+        self.compact = config.compression.compact_positions
         self.inv_freq = rope_frequencies(config.rope_parameters, self.R)[0]
         self.interleave = config.rope_interleave
         self.max_len = max_len
         self.max_blocks = max(0, math.ceil(max_len / self.block) - self.sink_blocks)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.offload = config.kv_offload  # payload designated host memory (the same RAM on a CPU-only machine)
+        self.offload = config.compression.offload  # payload designated host memory (the same RAM on a CPU-only machine)
         self.host_device = torch.device(host_device or "cpu") if self.offload else self.device
         self.dtype = dtype
         self.one_selection = False  # set by refresh_recent: every tile of a call reads the last tile's blocks
-        lead = getattr(config, "kv_lead_layer", None)  # the layer whose selection the others read
+        lead = config.compression.lead_layer  # the layer whose selection the others read
         self.lead = None if lead is None else lead % n_layers
         self.lead_idx = None  # (B, 1, k): the lead layer's latest selection (its last tile's)
         self.store = [LayerStore(self, batch_size, self.device, dtype) for _ in range(n_layers)]

@@ -4,7 +4,7 @@ Legend: B batch, T tokens (queries and keys of one sequence), H heads, N qk_nope
 R qk_rope_head_dim, K = C + R, V v_head_dim, b block size, n whole blocks in the sequence, X query tiles
 (b queries each), k selected blocks.
 
-With `R1Config.kv_learned=True` every MLAttention holds `nsa = NSAParams(config)`:
+With `R1Config.compression.learned=True` every MLAttention holds `nsa = NSAParams(config)`:
 
 - learned block compression: `block_logits` (b,), softmax -> weights over the positions inside a block; a
   sealed block's summary key (and coarse value) is the weighted mean of its keys, its radius is taken around
@@ -38,7 +38,7 @@ class NSAParams(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        H, N, b = config.num_attention_heads, config.qk_nope_head_dim, config.kv_block_size
+        H, N, b = config.num_attention_heads, config.qk_nope_head_dim, config.compression.block_size
         self.config = config  # geometry (block, window, sinks, top-k) is read from it at call time
         self.block_logits = nn.Parameter(torch.zeros(b))  # (b,) intra-block position logits
         self.gate_weight = nn.Parameter(torch.zeros(H, N, 3))  # (H, N, 3) q_nope -> 3 branch logits
@@ -55,9 +55,9 @@ class NSAParams(nn.Module):
 
 
 def enable_learned(model) -> None:
-    """Give a built model (any checkpoint) zero-initialised NSA parameters and set config.kv_learned: it still
+    """Give a built model (any checkpoint) zero-initialised NSA parameters and set config.compression.learned: it still
     behaves as the training-free cache until they are trained."""
-    model.config.kv_learned = True
+    model.config.compression.learned = True
     for module in model.modules():
         if hasattr(module, "kv_b_proj") and getattr(module, "nsa", None) is None:
             w = module.kv_b_proj.weight
@@ -85,19 +85,19 @@ def tile_layout(T: int, config, device=None):
     """Where each query tile x (queries x*b .. x*b+b-1) stands after a chunked prefill with chunk = b:
     sealed_end (X,) (positions below it have left the window and are sinks or sealed blocks, as
     CompressedLatentCache.seal leaves them) and sink_end (X,) (positions below it are sinks)."""
-    b, W = config.kv_block_size, config.kv_window
+    b, W = config.compression.block_size, config.compression.window
     start_X = torch.arange(math.ceil(T / b), device=device) * b
     sealed_end_X = (torch.div(start_X - W, b, rounding_mode="floor") * b).clamp(min=0)
-    sink_end_X = sealed_end_X.clamp(max=config.kv_sink_blocks * b)
+    sink_end_X = sealed_end_X.clamp(max=config.compression.sink_blocks * b)
     return sealed_end_X, sink_end_X
 
 
 def available_blocks(T: int, config, device=None) -> torch.Tensor:
     """(X, n) bool: whole block j is a sealed (non-sink) block when tile x arrives."""
-    b = config.kv_block_size
+    b = config.compression.block_size
     sealed_end_X, _ = tile_layout(T, config, device)
     j = torch.arange(T // b, device=device)
-    return (j[None] >= config.kv_sink_blocks) & ((j[None] + 1) * b <= sealed_end_X[:, None])
+    return (j[None] >= config.compression.sink_blocks) & ((j[None] + 1) * b <= sealed_end_X[:, None])
 
 
 def top_runs(importance_BXn: torch.Tensor, k: int, span: int = 1) -> torch.Tensor:
@@ -146,14 +146,14 @@ def select_blocks(q_BTHK, mean_BnK, radius_BnK, available_Xn, config, scale: flo
     """Top-k sealed blocks per tile of b queries, chosen with the tile's mean query (score_blocks). Returns
     chosen (B, X, n) bool (no gradient: the indices are a hard choice)."""
     B, T, H, K = q_BTHK.shape
-    b = config.kv_block_size
+    b = config.compression.block_size
     X, n = available_Xn.shape
     pad = X * b - T
     valid_Xt = (torch.arange(X * b, device=q_BTHK.device) < T).to(q_BTHK.dtype).view(X, b)
     q_BXtHK = torch.cat((q_BTHK, q_BTHK.new_zeros(B, pad, H, K)), 1).view(B, X, b, H, K)
     q_BXHK = (q_BXtHK * valid_Xt[None, :, :, None, None]).sum(2) / valid_Xt.sum(1)[None, :, None, None]
     importance = score_blocks(q_BXHK, mean_BnK, radius_BnK, scale, available_Xn)
-    idx_BXk = top_runs(importance, config.kv_topk_blocks, config.kv_select_span)
+    idx_BXk = top_runs(importance, config.compression.topk_blocks, config.compression.select_span)
     chosen_BXn = torch.zeros(B, X, n, dtype=torch.bool, device=q_BTHK.device).scatter_(2, idx_BXk, True)
     return chosen_BXn & available_Xn[None]
 
@@ -166,11 +166,11 @@ def compressed_pattern(query, kv_BTC, pe_BTR, mask_BTS, nsa) -> Attended:
     config = nsa.config
     if mask_BTS is not None and not bool(mask_BTS[:, -1].all()):
         raise ValueError("compressed_attention does not take padded batches; run rows of equal length")
-    if config.kv_compact_positions:
+    if config.compression.compact_positions:
         raise ValueError("compressed_attention (kv_learned training) models exact positions; set "
                          "kv_compact_positions=False to train, it can be switched on again for inference")  # fmt: skip
     B, T, H, _ = query.nope_BTHN.shape
-    C, b, scale = kv_BTC.shape[-1], config.kv_block_size, query.scale
+    C, b, scale = kv_BTC.shape[-1], config.compression.block_size, query.scale
     q_BTHK = torch.cat((query.lat_BTHC, query.pe_BTHR), dim=-1)
     k_BTK = torch.cat((kv_BTC, pe_BTR), dim=-1)
     sealed_end_X, sink_end_X = tile_layout(T, config, q_BTHK.device)
@@ -189,7 +189,7 @@ def compressed_pattern(query, kv_BTC, pe_BTR, mask_BTS, nsa) -> Attended:
         block_S = (pos // b).clamp(max=n)  # the trailing partial block (index n) is never sealed
         chosen_BXS = torch.cat((chosen_BXn, chosen_BXn.new_zeros(B, chosen_BXn.shape[1], 1)), 2)
         full_BTS = full_BTS | chosen_BXS[:, :, block_S][:, tile_T]
-        if config.kv_coarse:
+        if config.compression.coarse:
             coarse_BTn = (available_Xn[None] & ~chosen_BXn)[:, tile_T]
             lat, pe = mean_BnK.split([C, mean_BnK.shape[-1] - C], dim=-1)
             coarse = KeyGroup(lat, pe, coarse_BTn[:, None], math.log(b), branch=1)

@@ -2,7 +2,7 @@
 
 Legend: B batch, T prompt tokens, V vocab.
 
-    cache = make_cache(model.config, batch=1, max_len=T + 64)        # compressed when config.kv_compress
+    cache = make_cache(model.config, batch=1, max_len=T + 64)        # compressed when config.compression.enabled
     logits_BV = chunked_prefill(model, ids_BT, cache)                 # chunks of config.prefill_chunk tokens
     out = generate(model, ids_BT, cache=cache, prefill_chunk=1024)     # both, then decode (deepseek.generation)
 
@@ -23,7 +23,7 @@ from .cache import CompressedLatentCache
 
 def make_cache(config, batch: int, max_len: int, compressed: bool | None = None, device=None, dtype=torch.float32):
     """The cache the config asks for: CompressedLatentCache when kv_compress (or compressed=True)."""
-    use = config.kv_compress if compressed is None else compressed
+    use = config.compression.enabled if compressed is None else compressed
     cls = CompressedLatentCache if use else LatentCache
     return cls(config, batch, max_len, device=device, dtype=dtype)
 
@@ -33,7 +33,7 @@ def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress:
                     start_position: int = 0, refresh: bool | None = None) -> torch.Tensor:  # fmt: skip
     """Feed input_ids (B, T) through the model `chunk` tokens at a time, filling `cache`. Returns the last
     position's logits (B, V). Positions continue from cache.get_seq_length() + start_position.
-    refresh (default config.kv_refresh_recent): with a compressed cache, end with refresh_recent."""
+    refresh (default config.compression.refresh_recent): with a compressed cache, end with refresh_recent."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
     chunk = chunk or model.config.prefill_chunk
@@ -52,7 +52,7 @@ def chunked_prefill(model, input_ids, cache, chunk: int | None = None, progress:
         bar.update(ids.shape[1])
     bar.close()
     if refresh is None:
-        refresh = model.config.kv_refresh_recent
+        refresh = model.config.compression.refresh_recent
     if refresh and isinstance(cache, CompressedLatentCache):
         fresh = refresh_recent(model, input_ids, cache, past, start_position)
         h = h if fresh is None else fresh
