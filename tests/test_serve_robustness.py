@@ -351,6 +351,20 @@ def test_openapi_documents_the_statuses_the_server_answers(client):
     assert r.status_code == 400  # what the schema says, not 422
 
 
+BAD_PROMPTS = [("", "empty prompt"), ([], "empty prompt"), (["ok", ""], "empty prompt"), ([[]], "empty prompt"),
+               ([5, -1], "token ids must be >= 0"), ([[5], [-3]], "token ids must be >= 0")]  # fmt: skip
+
+
+@pytest.mark.parametrize("prompt,message", BAD_PROMPTS, ids=[repr(p) for p, _ in BAD_PROMPTS])
+def test_prompts_the_schema_forbids_are_400s(client, prompt, message):
+    """The schema now says what the server refuses (non-empty prompts, ids >= 0), so fuzzers reach generation."""
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["message"].startswith("prompt: ")
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert '"minLength": 1' in json.dumps(schema["prompt"]) and '"minimum": 0' in json.dumps(schema["prompt"])
+
+
 PRIVATE = ["/metrics", "/openapi.json", "/docs", "/redoc"]
 
 

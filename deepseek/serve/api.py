@@ -163,7 +163,8 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         if first.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None
         else:
-            msg, param = f"{'.'.join(loc) or 'body'}: {first.get('msg')}", ".".join(loc) or None
+            text = str(first.get("msg")).removeprefix("Value error, ")
+            msg, param = f"{'.'.join(loc) or 'body'}: {text}", ".".join(loc) or None
         return JSONResponse(APIError(400, msg, "invalid_request", param).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

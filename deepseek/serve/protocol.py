@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
 
 MAX_N = 8  # completions per request
@@ -202,8 +202,26 @@ class ChatCompletionRequest(SamplingFields):
         return super().texts() + [(f"messages[{i}].content", m.text()) for i, m in enumerate(self.messages)]
 
 
+# minLength for the schema only: a constrained str would refuse lone surrogates with a vaguer message before
+# check_text() names the field; emptiness is checked by CompletionRequest._prompt_shape.
+Text = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # < vocab size: checked at submit
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        """One clear message for the empty and negative cases (the union's own errors name its first member)."""
+        items = v if isinstance(v, list) else [v]
+        if v in ("", []) or any(x in ("", []) for x in items):
+            raise ValueError("an empty prompt has nothing to complete")
+        ids = [t for x in items for t in (x if isinstance(x, list) else [x]) if isinstance(t, int)]
+        if ids and min(ids) < 0:
+            raise ValueError("token ids must be >= 0")
+        return v
     max_tokens: int | None = Field(None, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
