@@ -14,7 +14,15 @@ from deepseek.model.moe import Routing
 from deepseek.train import checkpoint as ckpt
 from deepseek.train.balance import LoadTracker, moe_modules, sequence_aux_loss, update_router_bias
 from deepseek.train.config import TrainConfig, apply_overrides, preset
-from deepseek.train.trainer import LossOutput, TokenBatches, causal_lm_loss, lr_factor, param_groups, train
+from deepseek.train.trainer import (
+    LossOutput,
+    TokenBatches,
+    build_model,
+    causal_lm_loss,
+    lr_factor,
+    param_groups,
+    train,
+)
 
 STREAM = (torch.arange(4000) * 7 % 53 + 3).long()  # a learnable periodic token stream
 
@@ -90,15 +98,19 @@ def test_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_checkpoint_loads_as_a_model_with_same_outputs(tmp_path):
+    """The saved checkpoint reproduces the model the trainer holds in memory (an independent path: no save or
+    load on one side), and the validation loss the trainer logged."""
     c = cfg(tmp_path, max_steps=2)
-    metrics = train(c, train_batches=batches(c))
+    trained = build_model(c)  # the trainer's own construction, held here to compare with what it saved
+    val = [{"input_ids": STREAM[100:132][None], "labels": STREAM[100:132][None]}]
+    metrics = train(c, model=trained, train_batches=batches(c), val_batches=val)
     model = R1Model.from_pretrained(metrics["checkpoint"]).eval()
+    trained.eval()
     ids = STREAM[:32][None]
     with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss
-    fresh = R1Model.from_pretrained(metrics["checkpoint"]).eval()
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.equal(model(input_ids=ids).logits, trained(input_ids=ids).logits)
+        loss = model(input_ids=val[0]["input_ids"], labels=val[0]["labels"]).loss
+    assert float(loss) == pytest.approx(metrics["val_loss"], rel=1e-5)
     assert math.isfinite(float(loss)) and float(loss) < math.log(c.model["vocab_size"])
     biases = [m.gate.e_score_correction_bias for m in moe_modules(model)]
     assert all(b.abs().sum() > 0 for b in biases), "the router bias update is saved with the weights"
