@@ -58,6 +58,13 @@ class Streams:
             assert not t.is_alive(), "a stream did not end"
 
 
+def wait_logged(caplog, text, timeout=15):
+    deadline = time.time() + timeout
+    while not any(text in r.getMessage() for r in caplog.records):
+        assert time.time() < deadline, f"{text!r} was never logged"
+        time.sleep(0.05)
+
+
 def completion(i, max_tokens):
     return {"model": R1_TINY, "prompt": f"{i} + {i} =", "max_tokens": max_tokens, "ignore_eos": True,
             "temperature": 0}  # fmt: skip
@@ -178,8 +185,9 @@ def stack(model_dir, tmp_path):
 
 
 def test_database_locked_requests_wait_or_get_503_and_nothing_is_lost(stack, caplog):
-    """Locked 1 s (under the 3 s wait): requests wait and succeed. Locked 6 s: new requests get 503 after the
-    wait, final rows of running ones fail loudly (logged) and are retried until they land. Nothing is lost."""
+    """Locked 1 s (under the 3 s wait): requests wait and succeed. Locked longer (until a running stream has
+    ended, >= 3 s): new requests get 503 after the wait, the stream's final row fails loudly (logged) and is
+    retried until it lands. Nothing is lost."""
     s = stack(model=R1_TINY, wait_s=3.0, usage={"checkpoint_s": 0.2, "retry_s": 1.0, "confirm_s": 1.0})
     secret, key = s.billing.create_key("locked", tier="enterprise")
     headers = {"Authorization": f"Bearer {secret}"}
@@ -193,44 +201,43 @@ def test_database_locked_requests_wait_or_get_503_and_nothing_is_lost(stack, cap
             t.start()
         return ts
 
-    def hold_lock(seconds):
+    def lock():
         conn = sqlite3.connect(s.db_path, timeout=10)
-        conn.execute("BEGIN EXCLUSIVE")
-        time.sleep(seconds)
-        conn.rollback()
-        conn.close()
+        conn.execute("BEGIN EXCLUSIVE")  # readers and writers wait (the default rollback journal)
+        return conn
 
     short: list = []
-    locker = threading.Thread(target=hold_lock, args=(1.0,))
-    locker.start()
-    time.sleep(0.1)
-    for t in post_many(4, short):
+    held = lock()
+    posts = post_many(4, short)
+    time.sleep(1.0)
+    held.rollback()
+    for t in posts:
         t.join(30)
-    locker.join()
     assert [r.status_code for r in short] == [200] * 4
 
     caplog.set_level(logging.WARNING, logger="deepseek.serve")
     long: list = []
-    running = Streams(s.url, secret, [{**body, "max_tokens": 300, "ignore_eos": True}])  # admitted before the lock
+    running = Streams(s.url, secret, [{**body, "max_tokens": 150, "ignore_eos": True}])  # admitted before the lock
     running.wait(lambda: len(running.chunks[0]) >= 1)
-    locker = threading.Thread(target=hold_lock, args=(6.0,))
-    locker.start()
-    time.sleep(0.2)
+    held = lock()
+    t0 = time.time()
     for t in post_many(3, long):
         t.join(30)
+    running.join()  # it ends while the lock is held: its final row cannot be written yet
+    wait_logged(caplog, "NOT written")  # the writer gave up its first retries, loudly
+    locked_for = time.time() - t0
+    held.rollback()
+    held.close()
     assert [r.status_code for r in long] == [503] * 3
     assert all(r.json()["error"]["code"] == "database_unavailable" for r in long)
-    running.join()
-    locker.join()
-    assert running.done[0]
-    assert any("NOT written" in r.getMessage() for r in caplog.records), "a failed write must be logged as an error"
+    assert running.done[0] and locked_for >= 3.0
     deadline = time.time() + 10  # the unwritten row is retried on every checkpoint tick
     while time.time() < deadline:
         rows = s.rows(key.id)
         if len(rows) == 5 and all(r["status"] == "ok" for r in rows):
             break
         time.sleep(0.1)
-    assert sorted(r["completion_tokens"] for r in rows) == [4, 4, 4, 4, 300], [(r["status"], r["completion_tokens"])
+    assert sorted(r["completion_tokens"] for r in rows) == [4, 4, 4, 4, 150], [(r["status"], r["completion_tokens"])
                                                                                for r in rows]  # fmt: skip
     # the 503s were refused before authentication could read the key: no row to attribute, nothing billed
     k = s.billing.get_key(key.id)
@@ -279,8 +286,8 @@ def pg(tmp_path):
 
 
 def test_postgresql_down_for_a_few_seconds_503s_and_loses_nothing(pg, caplog):
-    """The PostgreSQL server stops for about 3 s while a stream runs: requests in that time get 503 after the wait,
-    the stream's final row is retried until the server is back, and every admitted request has its final row."""
+    """The PostgreSQL server stops while a stream runs and until it has ended: a request meanwhile gets 503 after
+    the wait, the stream's final row is retried until the server is back; every admitted request has its row."""
     from test_serve_support import LiveServer
 
     from deepseek.serve.api import create_app
@@ -294,14 +301,14 @@ def test_postgresql_down_for_a_few_seconds_503s_and_loses_nothing(pg, caplog):
     try:
         with LiveServer(app) as live:
             caplog.set_level(logging.WARNING, logger="deepseek.serve")
-            st = Streams(live.url, secret, [completion(0, 200)])  # ends while the database is down
+            st = Streams(live.url, secret, [completion(0, 100)])
             st.wait(lambda: len(st.chunks[0]) >= 5)
             pg._run("pg_ctl", "-D", pg.data, "-m", "fast", "-w", "stop")
             down = httpx.post(live.url + "/v1/completions", json=completion(1, 4), timeout=30,
                               headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
-            time.sleep(2.0)
+            st.join(30)  # the stream ends while the database is down
+            wait_logged(caplog, "NOT written")
             pg._run("pg_ctl", "-D", pg.data, "-l", pg.dir / "log", "-w", "-o", opts, "start")
-            st.join(30)
             up = httpx.post(live.url + "/v1/completions", json=completion(2, 4), timeout=30,
                             headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
             deadline = time.time() + 10
@@ -315,8 +322,7 @@ def test_postgresql_down_for_a_few_seconds_503s_and_loses_nothing(pg, caplog):
         app.state.server.writer.close()
     assert down.status_code == 503 and down.json()["error"]["code"] == "database_unavailable"
     assert st.done[0] and up.status_code == 200
-    assert sorted(r["completion_tokens"] for r in rows) == [4, 200], [(r["status"], r["completion_tokens"]) for r in rows]
-    assert any("NOT written" in r.getMessage() for r in caplog.records)
+    assert sorted(r["completion_tokens"] for r in rows) == [4, 100], [(r["status"], r["completion_tokens"]) for r in rows]
     k = billing.get_key(key.id)
     assert k.spent_usd == pytest.approx(sum(r["cost_usd"] for r in rows)) and k.reserved_usd == pytest.approx(0)
     billing.close()
