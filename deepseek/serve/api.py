@@ -37,7 +37,7 @@ from .protocol import (
     drop_422,
     error_responses,
 )
-from .responses import chat_chunk, chat_response, completion_response, sse, usage_body
+from .responses import chat_chunk, chat_response, completion_response, openai_reason, sse, usage_body
 from .sequence import Output, SamplingParams
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -403,7 +403,7 @@ async def _chat_stream(engine, record, q, seqs, rid, created, model, n, include_
                 finished += 1
                 continue
             if delta or out.finish_reason:
-                yield sse(chat_chunk(rid, created, model, i, delta, _openai_reason(out.finish_reason)))
+                yield sse(chat_chunk(rid, created, model, i, delta, openai_reason(out.finish_reason)))
             finished += out.finish_reason is not None
         if include_usage:
             yield sse(chat_chunk(rid, created, model, None, None, usage=record.totals()))
@@ -429,7 +429,7 @@ async def _completion_stream(engine, record, q, seqs, rid, created, model, inclu
             if text or out.finish_reason:
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                            "choices": [{"index": i, "text": text, "logprobs": None,
-                                        "finish_reason": _openai_reason(out.finish_reason)}]})  # fmt: skip
+                                        "finish_reason": openai_reason(out.finish_reason)}]})  # fmt: skip
             finished += out.finish_reason is not None
         if include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
@@ -440,10 +440,6 @@ async def _completion_stream(engine, record, q, seqs, rid, created, model, inclu
         for s in seqs:
             if s.finish_reason is None:
                 engine.cancel(s)
-
-
-def _openai_reason(reason: str | None) -> str | None:
-    return reason if reason in (None, "stop", "length") else "stop"
 
 
 __all__ = ["create_app", "Server"]

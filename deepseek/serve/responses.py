@@ -18,7 +18,8 @@ def usage_body(t: dict) -> dict:
             "cost_usd": round(t["cost_usd"], 10)}  # fmt: skip
 
 
-def _reason(reason: str | None) -> str | None:
+def openai_reason(reason: str | None) -> str | None:
+    """OpenAI's finish_reason: stop | length (our cancelled / timeout / error end a choice as "stop")."""
     return reason if reason in (None, "stop", "length") else "stop"
 
 
@@ -37,7 +38,7 @@ def chat_response(rid, created, model, outs: list[Output], totals: dict) -> dict
         msg = {"role": "assistant", "content": o.text}
         if o.reasoning:
             msg["reasoning_content"] = msg["reasoning"] = o.reasoning
-        choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": _reason(o.finish_reason)})
+        choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": openai_reason(o.finish_reason)})
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage_body(totals)}  # fmt: skip
 
@@ -52,7 +53,7 @@ def completion_response(tokenizer, rid, created, model, outs: list[Output], prom
         if logprobs is not None:
             lp = _logprobs(tokenizer, ids if echo else [], o.prompt_logprobs if echo else None, o.token_ids,
                            o.logprobs)  # fmt: skip
-        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": _reason(o.finish_reason)})
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": openai_reason(o.finish_reason)})
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage_body(totals)}  # fmt: skip
 
