@@ -166,6 +166,28 @@ def test_sigterm_drains_in_flight_and_queued_and_flushes_rows_within_the_grace_p
     billing.close()
 
 
+def test_sigterm_cancels_what_outlives_the_grace_period_and_records_it(serve):
+    """--grace 1 and a 900-token stream: SIGTERM stops it about a second later; its row is `cancelled` with the
+    tokens it generated, and the process exits 0 soon after."""
+    db_url, start = serve
+    billing = Billing(db_url)
+    secret, key = billing.create_key("grace", tier="basic")
+    proc, url, log = start("--grace", "1")
+    st = Streams(url, secret, [completion(0, 900)])
+    st.wait(lambda: len(st.chunks[0]) >= 5)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=30)
+    took = time.time() - t0
+    st.join()
+    assert rc == 0 and took < 10, (rc, took, log.read_text()[-2000:])
+    (row,) = billing.usage_records(key.id)
+    assert row["status"] == "cancelled" and 5 <= row["completion_tokens"] < 900, row
+    k = billing.get_key(key.id)
+    assert k.spent_usd == pytest.approx(row["cost_usd"]) and k.reserved_usd == pytest.approx(0)
+    billing.close()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("durability") / "model")
