@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 
 DEFAULT_DB = os.environ.get("DEEPSEEK_DB", "sqlite:///deepseek-serve.db")
 
@@ -84,7 +85,8 @@ def run_serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(args.model, config)
-    usage = {"checkpoint_s": args.checkpoint_interval, "reconcile_after_s": args.reconcile_after}
+    usage = {"checkpoint_s": args.checkpoint_interval, "reconcile_after_s": args.reconcile_after,
+             "name": f"{socket.gethostname()}:{args.port}"}  # rows of an earlier server here: reconciled at once
     app = create_app(engine, billing, auth=auth, request_timeout_s=args.timeout, usage=usage)
     writer = app.state.server.writer
     print(f"serving {engine.model_name} on http://{args.host}:{args.port} (auth {'on' if auth else 'off'}, "

@@ -177,6 +177,16 @@ def test_open_row_checkpoint_reconcile_and_a_late_final_row(db):
         db.record_usage("x", key.id, "m", 1, 1, 0, 1.0, "started")
 
 
+def test_rows_of_a_server_restarted_at_the_same_address_are_reconciled_at_once(db):
+    _, key = db.create_key("restart", tier="basic")
+    db.admit("dead", key.id, "m", "basic", prompt_tokens=10, reserve_tokens=20, instance="host:8000/aaa")
+    db.admit("alive", key.id, "m", "basic", prompt_tokens=10, reserve_tokens=20, instance="host:8001/bbb")
+    db.admit("near", key.id, "m", "basic", prompt_tokens=10, reserve_tokens=20, instance="host:80000/ccc")
+    assert db.reconcile(stale_after_s=60, dead_owner="host:8000/") == ["dead"]
+    assert {r["request_id"]: r["status"] for r in db.usage_records()} == {
+        "dead": "incomplete", "alive": "started", "near": "started"}
+
+
 def test_concurrent_admissions_never_overshoot_the_budget(db):
     """32 threads admit at once against a budget that covers one reservation: exactly one is admitted."""
     _, key = db.create_key("race", tier="basic", budget_usd=1e-5)

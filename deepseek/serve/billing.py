@@ -385,20 +385,29 @@ class Billing:
                                      reserved_usd=api_keys.c.reserved_usd - release))  # fmt: skip
         return cost
 
-    def reconcile(self, stale_after_s: float) -> list[str]:
+    def reconcile(self, stale_after_s: float, dead_owner: str | None = None) -> list[str]:
         """Mark `started` rows not checkpointed for stale_after_s (their server died) as `incomplete` with the
-        tokens of their last checkpoint: charge that cost and release the reservation. Safe to run on every
-        replica at once. Returns the request ids marked now."""
+        tokens of their last checkpoint: charge that cost and release the reservation. dead_owner: an instance
+        prefix known to be dead (a server restarted on the same host and port), whose rows are marked at once.
+        Safe to run on every replica at once. Returns the request ids marked now."""
         cut = time.time() - stale_after_s
+        c = usage.c
+
+        def orphaned(q_updated_at, q_instance):
+            if dead_owner is None:
+                return q_updated_at < cut
+            return sa.or_(q_updated_at < cut, sa.func.substr(q_instance, 1, len(dead_owner)) == dead_owner)
+
         with self.engine.connect() as conn:
-            stale = list(conn.execute(sa.select(usage.c.request_id)
-                                      .where(usage.c.status == OPEN, usage.c.updated_at < cut)).scalars())  # fmt: skip
+            stale = list(conn.execute(sa.select(c.request_id)
+                                      .where(c.status == OPEN, orphaned(c.updated_at, c.instance))).scalars())  # fmt: skip
         marked = []
         for rid in stale:
             with self.engine.begin() as conn:
-                conn.execute(usage.update().where(usage.c.request_id == rid).values(status=usage.c.status))
-                old = conn.execute(sa.select(usage).where(usage.c.request_id == rid)).mappings().one()
-                if old["status"] != OPEN or old["updated_at"] >= cut:
+                conn.execute(usage.update().where(c.request_id == rid).values(status=c.status))  # the row lock
+                old = conn.execute(sa.select(usage).where(c.request_id == rid)).mappings().one()
+                dead = dead_owner is not None and (old["instance"] or "").startswith(dead_owner)
+                if old["status"] != OPEN or (old["updated_at"] >= cut and not dead):
                     continue  # finished or checkpointed meanwhile
                 tier = self.tiers.get(old["tier"] or "basic", self.tiers["basic"])
                 cost = tier.cost(old["prompt_tokens"] + old["completion_tokens"])

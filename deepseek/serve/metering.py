@@ -53,11 +53,13 @@ class UsageWriter:
     """The usage rows of one server process: admission, checkpoints, revocations, final rows, reconciliation."""
 
     def __init__(self, billing: Billing, cancel=None, checkpoint_s: float = 1.0, reconcile_after_s: float = 10.0,
-                 retry_s: float = 30.0, confirm_s: float = 10.0):  # fmt: skip
+                 retry_s: float = 30.0, confirm_s: float = 10.0, name: str | None = None):  # fmt: skip
         """cancel(seq): stops an engine sequence (revoked key). confirm_s: how long a response waits for its
-        final row to commit before its last byte (after that the row is still retried)."""
+        final row to commit before its last byte (after that the row is still retried). name: where this
+        server listens ("host:port"); open rows of an earlier server with the same name are reconciled at
+        start-up without waiting, since that server cannot be alive while this one holds the address."""
         self.billing, self.cancel = billing, cancel
-        self.instance = uuid.uuid4().hex[:16]
+        self.instance = f"{name}/{uuid.uuid4().hex[:12]}" if name else uuid.uuid4().hex[:16]
         self.checkpoint_s, self.reconcile_after_s = checkpoint_s, reconcile_after_s
         self.retry_s, self.confirm_s = retry_s, confirm_s
         self.queue: queue.Queue = queue.Queue()
@@ -66,7 +68,9 @@ class UsageWriter:
         self.failures = 0  # final-row writes given up after retry_s (each logged as an error)
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.reconciled = self._safely(lambda: self.billing.reconcile(reconcile_after_s), "start-up reconcile") or []
+        dead = f"{name}/" if name else None
+        self.reconciled = self._safely(lambda: self.billing.reconcile(reconcile_after_s, dead), "start-up reconcile")
+        self.reconciled = self.reconciled or []
         self.thread = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
         self.ticker = threading.Thread(target=self._tick_loop, name="usage-checkpoint", daemon=True)
         self.thread.start()
