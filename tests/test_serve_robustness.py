@@ -286,6 +286,19 @@ def test_a_5_mb_prompt_is_refused_before_tokenization(live):
     assert took < 2.0 and worst < 0.1, (took, worst)
 
 
+def test_the_early_refusal_never_refuses_what_fits(engine, client, monkeypatch):
+    """Templates may drop assistant text (DeepSeek-R1's drops earlier reasoning), so assistant turns do not
+    count towards the early bound: a 30K-character turn the template drops is served, not refused unread."""
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>' + m['content'] }}"
+                "{% endif %}{% endfor %}{{ '<|assistant|>' }}")  # fmt: skip
+    monkeypatch.setattr(engine.tokenizer, "chat_template", template)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>" + "x" * 30_000},
+             {"role": "user", "content": "2+3?"}]  # fmt: skip
+    assert engine.fewest_tokens(30_000) >= engine.max_model_len  # it would have been refused
+    r = client.post(CHAT, json={"model": MODEL, "messages": turns, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] < 20, r.text[:300]
+
+
 def test_tokenization_runs_off_the_event_loop(live, monkeypatch):
     """A prompt that takes 1.5 s to tokenize (an admissible but slow one, simulated) leaves /health fast."""
     real = api_module.chat_prompt_ids

@@ -242,7 +242,9 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             server.check_model(req.model)
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in req.messages]  # fmt: skip
-            _check_prompt_size(engine, sum(len(m["content"]) for m in messages), "messages")
+            # assistant turns do not count: templates may drop them in part (R1 drops earlier reasoning)
+            _check_prompt_size(engine, sum(len(m["content"]) for m in messages if m["role"] != "assistant"),
+                               "messages")  # fmt: skip
             ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)  # off the event loop
             max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
             params = server.params(req, max_tokens, len(ids), logprobs=0 if req.logprobs else None)
