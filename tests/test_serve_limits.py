@@ -215,18 +215,23 @@ def wait_healthy(url, proc, log_path, timeout=90):
     raise RuntimeError(f"server not healthy in {timeout} s:\n{log_path.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def replicas(pg_url, model_dir, tmp_path):
-    engine = sa.create_engine(pg_url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS usage, api_keys, schema_migrations CASCADE"))
-    engine.dispose()
-    billing = Billing(pg_url)
+@pytest.fixture(params=["postgresql", "sqlite"])
+def replicas(request, model_dir, tmp_path):
+    """Two server processes on one database: PostgreSQL (several hosts) or one SQLite file (one host)."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE IF EXISTS usage, api_keys, schema_migrations CASCADE"))
+        engine.dispose()
+    else:
+        url = f"sqlite:///{tmp_path / 'shared.db'}"
+    billing = Billing(url)
     procs, urls = [], []
     for i in range(2):
         port = free_port()
         log = tmp_path / f"replica{i}.log"
-        procs.append((start_serve(model_dir, pg_url, port, log), log))
+        procs.append((start_serve(model_dir, url, port, log), log))
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for (p, log), url in zip(procs, urls):
@@ -244,8 +249,8 @@ def replicas(pg_url, model_dir, tmp_path):
         billing.close()
 
 
-def test_two_replicas_enforce_one_rpm_and_one_budget(replicas, model_dir):
-    """Two `deepseek serve` processes on one PostgreSQL: 70 requests split across them get exactly the basic
+def test_two_replicas_enforce_one_rpm_and_one_budget(replicas):
+    """Two `deepseek serve` processes on one database: 70 requests split across them get exactly the basic
     tier's 60 per minute, and 8 concurrent requests on a one-request budget run once in total."""
     billing, urls = replicas
     name = httpx.get(urls[0] + "/health").json()["model"]
