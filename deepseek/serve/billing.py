@@ -304,11 +304,19 @@ class Billing:
                    created_at=now, day=_day(now), tier=tier, reserved_usd=reserve, reserved_tokens=reserve_tokens,
                    updated_at=now, instance=instance)  # fmt: skip
 
+        attempts = []
+
         def run():
-            with self.engine.begin() as conn:
-                if key_id is not None:
-                    self._admit_key(conn, key_id, t, reserve, reserve_tokens, now)
-                conn.execute(usage.insert().values(**row))
+            attempts.append(1)
+            try:
+                with self.engine.begin() as conn:
+                    if key_id is not None:
+                        self._admit_key(conn, key_id, t, reserve, reserve_tokens, now)
+                    conn.execute(usage.insert().values(**row))
+            except sa.exc.IntegrityError:
+                if len(attempts) == 1:
+                    raise ValueError(f"request id {request_id!r} was already admitted") from None
+                # an earlier attempt committed, then its connection failed before the answer: admitted once
 
         self._retry(run, "admission")
         return reserve

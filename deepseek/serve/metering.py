@@ -100,11 +100,18 @@ class UsageWriter:
             still_open = list(self.open.values())
         for r in still_open:
             r.finish("cancelled")
+        deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         self.stop.set()
         self.queue.put(None)
         self.thread.join(timeout=5)
         self.ticker.join(timeout=5)
+        while self.unwritten and time.monotonic() < deadline:  # the database may be back: keep trying till then
+            with self.lock:
+                retry, self.unwritten = self.unwritten, []
+            self._retry_unwritten(retry)
+            if self.unwritten:
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         if self.unwritten:
             log.error("%d usage rows could not be written before shutdown (their `started` rows hold the last "
                       "checkpoint and will be reconciled as incomplete): %s", len(self.unwritten),
@@ -163,9 +170,16 @@ class UsageWriter:
         for r in records:
             if revoked and r.key_id in revoked:
                 r.revoke(self.cancel)
-        for record, row in retry:
-            self._write(record, row, retry_s=0)
+        self._retry_unwritten(retry)
         self._safely(lambda: self.billing.reconcile(self.reconcile_after_s), "reconcile")
+
+    def _retry_unwritten(self, rows: list) -> None:
+        """One attempt each, in order; after the first failure the rest wait for the next tick."""
+        for i, (record, row) in enumerate(rows):
+            if not self._write(record, row, retry_s=0):
+                with self.lock:
+                    self.unwritten.extend(rows[i + 1 :])
+                return
 
     @staticmethod
     def _safely(fn, what: str):
