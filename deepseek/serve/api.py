@@ -142,7 +142,7 @@ class Server:
 def create_app(engine: Engine, billing: Billing | None = None, auth: bool = False,
                request_timeout_s: float | None = 600.0, usage: dict | None = None,
                settings: ServeSettings | None = None) -> FastAPI:  # fmt: skip
-    """usage: UsageWriter options (checkpoint_s, reconcile_after_s, retry_s, confirm_s).
+    """usage: UsageWriter options (checkpoint_s, reconcile_after_s, retry_s, confirm_s, name).
     settings: body size limit, disconnect polling, whether /metrics and the docs need a key (ServeSettings)."""
     server = Server(engine, billing, auth, request_timeout_s, usage)
     settings = settings or ServeSettings()
