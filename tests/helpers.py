@@ -1,12 +1,17 @@
-"""Tiny debug configs and the bridge to transformers' DeepseekV3ForCausalLM used by parity tests."""
+"""Tiny debug configs and the bridge to transformers' DeepseekV3ForCausalLM used by parity tests
+(`from helpers import ...`; fixtures live in conftest.py)."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
+
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from deepseek import R1Config, R1ForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def tiny_config(q_lora: bool = True, groups: bool = True, yarn: bool = False, **overrides) -> R1Config:
@@ -55,12 +60,3 @@ def to_transformers(model: R1ForCausalLM, tmp_path) -> DeepseekV3ForCausalLM:
     hf_config(model.config).save_pretrained(tmp_path)
     hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
     return hf.eval()
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: a second thread only adds sync cost (and spins badly on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
