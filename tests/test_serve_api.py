@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_serve_support import LiveServer, make_model_dir
 
-from deepseek.model.generate import generate
+from deepseek.generation.loop import generate
 from deepseek.serve.api import create_app
 from deepseek.serve.billing import Billing
 from deepseek.serve.engine import Engine, EngineConfig
@@ -260,7 +260,7 @@ def test_disconnect_stops_generation_and_frees_the_slot(stack):
 def test_metrics_exposes_counters_and_histograms(stack, client):
     client.chat.completions.create(model=stack["engine"].model_name, messages=[{"role": "user", "content": "m"}],
                                    max_tokens=2)  # fmt: skip
-    text = httpx.get(stack["url"] + "/metrics").text
+    text = httpx.get(stack["url"] + "/metrics", headers={"Authorization": f"Bearer {stack['secret']}"}).text
     for name in ("deepseek_requests_total", "deepseek_completion_tokens_total",
                  "deepseek_request_latency_seconds_bucket", "deepseek_time_to_first_token_seconds_count",
                  "deepseek_queue_depth", "deepseek_running_batch_size"):  # fmt: skip
@@ -311,8 +311,8 @@ def test_schemathesis_finds_no_5xx(stack):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
 
-    schema = schemathesis.openapi.from_url(stack["url"] + "/openapi.json")
     headers = {"Authorization": f"Bearer {stack['secret']}"}
+    schema = schemathesis.openapi.from_url(stack["url"] + "/openapi.json", headers=headers)
     def make_check(path, op):
         @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())

@@ -11,7 +11,7 @@ import torch
 from helpers import random_model, tiny_config
 from test_serve_support import build_tokenizer
 
-from deepseek.model.generate import generate
+from deepseek.generation.loop import generate
 from deepseek.serve.engine import Engine, EngineConfig, QueueFull, SamplingParams
 from deepseek.serve.kv_cache import SlotCache
 from deepseek.serve.scheduler import Scheduler
@@ -61,7 +61,7 @@ def test_decode_view_attention_equals_per_sequence_cache(model):
 
 def test_continuous_batching_matches_one_at_a_time(model, tok):
     """Staggered arrivals, different prompt and output lengths: every sequence gets the greedy tokens that
-    deepseek.model.generate gives it alone."""
+    deepseek.generation.loop gives it alone."""
     engine = make_engine(model, tok, max_running=3)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, len(tok), (n,), generator=gen).tolist() for n in (4, 9, 1, 17, 6, 3, 12)]

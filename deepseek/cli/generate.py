@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
+    from deepseek.generation.loop import generate
     from deepseek.loading import load_model_and_tokenizer
-    from deepseek.model.generate import generate
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
