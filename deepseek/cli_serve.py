@@ -119,11 +119,11 @@ def run_keys(args) -> int:
         print(f"created key {key.id} ({key.name}, tier {key.tier}, budget {_money(key.budget_usd)})")
         print(secret)
     elif args.keys_command == "list":
-        print(f"{'id':>4}  {'name':<16}{'prefix':<12}{'tier':<12}{'budget':>10}{'spent':>12}  status")
+        print(f"{'id':>4}  {'name':<16}{'prefix':<12}{'tier':<12}{'budget':>10}{'spent':>12}{'reserved':>12}  status")
         for k in db.list_keys():
             status = "revoked" if k.revoked_at else "active"
             print(f"{k.id:>4}  {k.name:<16}{k.prefix:<12}{k.tier:<12}{_money(k.budget_usd):>10}"
-                  f"{k.spent_usd:>12.6f}  {status}")  # fmt: skip
+                  f"{k.spent_usd:>12.6f}{k.reserved_usd:>12.6f}  {status}")  # fmt: skip
     else:
         key = db.revoke(args.id)
         print(f"revoked key {key.id} ({key.name})")
@@ -138,10 +138,12 @@ def run_usage(args) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"{'day':<12}{'key':>5}{'requests':>10}{'prompt':>10}{'completion':>12}{'reasoning':>11}{'cost $':>12}")
+    print(f"{'day':<12}{'key':>5}{'requests':>10}{'prompt':>10}{'completion':>12}{'reasoning':>11}{'cost $':>12}"
+          f"{'running':>9}{'incomplete':>12}{'rejected':>10}")  # fmt: skip
     for r in rows:
         print(f"{r['day']:<12}{str(r['key_id']):>5}{r['requests']:>10}{r['prompt_tokens']:>10}"
-              f"{r['completion_tokens']:>12}{r['reasoning_tokens']:>11}{r['cost_usd']:>12.6f}")  # fmt: skip
+              f"{r['completion_tokens']:>12}{r['reasoning_tokens']:>11}{r['cost_usd']:>12.6f}"
+              f"{r['started']:>9}{r['incomplete']:>12}{r['rejected']:>10}")  # fmt: skip
     return 0
 
 

@@ -3,6 +3,7 @@ starts itself (skipped with the reason when PostgreSQL is not installed; scripts
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -230,6 +231,12 @@ def test_cli_keys_and_usage(tmp_path, capsys):
     assert "erin" in listing and secret not in listing and "active" in listing
     usage = run("usage", "--db", url, "--json").stdout
     assert '"completion_tokens": 1000' in usage and '"cost_usd": 0.0016' in usage
+    db.admit("open", key.id, "m", "enterprise", prompt_tokens=5, reserve_tokens=50)  # running / dead server
+    (day,) = [json.loads(line) for line in run("usage", "--db", url, "--json").stdout.splitlines()]
+    assert (day["requests"], day["started"], day["incomplete"], day["rejected"]) == (2, 1, 0, 0)
+    table = run("usage", "--db", url).stdout.splitlines()
+    assert table[0].split()[-3:] == ["running", "incomplete", "rejected"] and table[1].split()[-3:] == ["1", "0", "0"]
+    assert f"{50 / 1000 * 0.0008:.6f}" in run("keys", "--db", url, "list").stdout  # the open reservation
     assert run("keys", "--db", url, "revoke", str(key.id)).returncode == 0
     assert "revoked" in run("keys", "--db", url, "list").stdout
     bad = run("keys", "--db", url, "create", "x", "--tier", "gold")

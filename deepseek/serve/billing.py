@@ -445,7 +445,9 @@ class Billing:
                        sa.func.sum(c.prompt_tokens).label("prompt_tokens"),
                        sa.func.sum(c.completion_tokens).label("completion_tokens"),
                        sa.func.sum(c.reasoning_tokens).label("reasoning_tokens"),
-                       sa.func.sum(c.cost_usd).label("cost_usd"))
+                       sa.func.sum(c.cost_usd).label("cost_usd"),
+                       *[sa.func.sum(sa.case((c.status == s, 1), else_=0)).label(s) for s in (OPEN, INCOMPLETE,
+                                                                                             "rejected")])
              .group_by(c.key_id, c.day).order_by(c.day, c.key_id))  # fmt: skip
         if key_id is not None:
             q = q.where(c.key_id == key_id)
