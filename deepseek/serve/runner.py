@@ -2,14 +2,17 @@
 
 Legend: B running sequences in a step, T prompt tokens, S attended positions, V vocab, K top logprobs.
 
-Reference path: `deepseek.model.generate.generate` (one static batch). The runner must produce the same greedy
-tokens for each sequence as that function does for the sequence alone; tests/test_serve_engine.py checks it.
+The forward passes and sampling are the generation loop's own (`deepseek.generation.loop.decode_one_token`,
+`generation.sampling.sample`), run over the engine's slot-cache views instead of one static batch. Reference
+path: `deepseek.generation.loop.generate`; the runner must produce the same greedy tokens for each sequence as
+that function does for the sequence alone (tests/test_serve_engine.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..generation.loop import decode_one_token
 from ..generation.sampling import sample
 from .kv_cache import SlotCache
 from .sequence import Sequence
@@ -42,10 +45,8 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> None:
         """Feed each sequence's last token, all in one batch; set each seq.pending_logits (V,)."""
         view = self.cache.decode_view([s.slot for s in seqs])
-        tokens_B1 = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-        h = self.model.model(input_ids=tokens_B1, attention_mask=view.attention_mask,
-                             position_ids=view.position_ids, cache=view).last_hidden_state  # fmt: skip
-        logits_BV = self.model.lm_head(h[:, -1])
+        tokens_B = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
+        logits_BV = decode_one_token(self.model, tokens_B, view.attention_mask, view.position_ids[:, 0], view)
         view.commit()
         for s, row in zip(seqs, logits_BV):
             s.pending_logits = row
