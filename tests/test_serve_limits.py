@@ -134,7 +134,7 @@ def test_n_bills_the_prompt_once(make_stack):
 def test_queue_full_and_bad_token_ids_are_recorded_rejected(make_stack):
     s = make_stack(max_running=1, max_waiting=1)
     secret, key = s.billing.create_key("q", tier="enterprise")
-    body = {"model": s.engine.model_name, "prompt": "Hello", "max_tokens": 60, "ignore_eos": True}
+    body = {"model": s.engine.model_name, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True}
     rs = post_all(s.url, "/v1/completions", secret, [body] * 6)
     full = [r for r in rs if r.status_code == 503]
     assert full and all(r.json()["error"]["code"] == "server_overloaded" for r in full)
