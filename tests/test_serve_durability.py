@@ -322,11 +322,13 @@ def test_postgresql_down_for_a_few_seconds_503s_and_loses_nothing(pg, caplog):
             st = Streams(live.url, secret, [completion(0, 100)])
             st.wait(lambda: len(st.chunks[0]) >= 5)
             pg._run("pg_ctl", "-D", pg.data, "-m", "fast", "-w", "stop")
-            down = httpx.post(live.url + "/v1/completions", json=completion(1, 4), timeout=30,
-                              headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
-            st.join(30)  # the stream ends while the database is down
-            wait_logged(caplog, "NOT written")
-            pg._run("pg_ctl", "-D", pg.data, "-l", pg.dir / "log", "-w", "-o", opts, "start")
+            try:
+                down = httpx.post(live.url + "/v1/completions", json=completion(1, 4), timeout=30,
+                                  headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
+                st.join(30)  # the stream ends while the database is down
+                wait_logged(caplog, "NOT written")
+            finally:
+                pg._run("pg_ctl", "-D", pg.data, "-l", pg.dir / "log", "-w", "-o", opts, "start")
             up = httpx.post(live.url + "/v1/completions", json=completion(2, 4), timeout=30,
                             headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
             deadline = time.time() + 10
