@@ -4,21 +4,26 @@
     python benchmarks/decode.py --quick         # smaller, for a smoke run
 
 Prints a table, then one JSON line. Both models are fp32 on CPU; transformers runs its own `generate` with
-its DynamicCache and eager attention; ours runs deepseek.generation.loop on the static latent cache.
+its DynamicCache and eager attention; ours runs twice: `R1Model.generate(...)` (the transformers-style call a
+user makes, deepseek/sdk.py) and `deepseek.generation.loop.generate` underneath it, both on the static latent
+cache. Each case is warmed up, then the three alternate (A B C A B C ...) `--rounds` times; medians and
+min-max are reported, with the machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import tempfile
 import time
 
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from deepseek import R1Config, R1ForCausalLM
+from deepseek import R1Config, R1Model
 from deepseek.generation.loop import decode_one_token, generate, prefill
 from deepseek.model.cache import LatentCache
 from deepseek.model.layout import prepare_for_decode
@@ -46,14 +51,14 @@ def copy_bandwidth() -> float:
 
 def load_both(config: R1Config):
     torch.manual_seed(0)
-    ours = R1ForCausalLM(config).eval()
+    ours = R1Model(config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
         d = {k: v for k, v in config.to_dict().items() if k in DeepseekV3Config.__dataclass_fields__}
         d.update(num_key_value_heads=config.num_attention_heads, num_mtp_layers=0)
         DeepseekV3Config(**d).save_pretrained(tmp)
         hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        ours = R1ForCausalLM.from_pretrained(tmp)
+        ours = R1Model.from_pretrained(tmp)
     prepare_for_decode(ours)
     return ours, hf
 
@@ -69,6 +74,13 @@ def time_ours(model, ids, new):
     t = time.perf_counter()
     out = generate(model, ids, max_new_tokens=new)
     return out.sequences[:, ids.shape[1] :], time.perf_counter() - t
+
+
+def time_sdk(model, ids, new):
+    t = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)  # fmt: skip
+    return out[:, ids.shape[1] :], time.perf_counter() - t
 
 
 @torch.inference_mode()
@@ -97,6 +109,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and a 1K context")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=3, help="alternated timing rounds per case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = bench_config()
@@ -107,30 +120,44 @@ def main():
     rows, result = [], {"hardware": f"{platform.processor() or platform.machine()}, {args.threads} threads",
                         "copy_GBps": round(bw, 1)}  # fmt: skip
     active_bytes = ours.num_parameters(active=True) * 4 - config.vocab_size * config.hidden_size * 4  # no embed read
+    cases = {"transformers": lambda ids: time_hf(hf, ids, new), "R1Model.generate": lambda ids: time_sdk(ours, ids, new),
+             "loop": lambda ids: time_ours(ours, ids, new)}  # fmt: skip
+    load = open("/proc/loadavg").read().split()[0]
     for batch in (1, 16):
         torch.manual_seed(batch)
         ids = torch.randint(3, config.vocab_size, (batch, 16))
-        time_ours(ours, ids, 4), time_hf(hf, ids, 4)  # warm up
-        tok_o, t_o = time_ours(ours, ids, new)
-        tok_h, t_h = time_hf(hf, ids, new)
-        same = bool(torch.equal(tok_o, tok_h))
-        tps_o, tps_h = batch * new / t_o, batch * new / t_h
-        util = (active_bytes * new / t_o) / 1e9 / bw if batch == 1 else None
-        rows.append((f"batch {batch}", tps_h, tps_o, tps_o / tps_h, same))
-        result[f"b{batch}_hf_tok_s"] = round(tps_h, 1)
-        result[f"b{batch}_ours_tok_s"] = round(tps_o, 1)
-        result[f"b{batch}_speedup"] = round(tps_o / tps_h, 2)
+        time_ours(ours, ids, 4), time_hf(hf, ids, 4), time_sdk(ours, ids, 4)  # warm up
+        secs, toks = {k: [] for k in cases}, {}
+        for _ in range(args.rounds):
+            for name, run in cases.items():
+                toks[name], t = run(ids)
+                secs[name].append(t)
+        same = bool(torch.equal(toks["loop"], toks["transformers"]) and torch.equal(toks["R1Model.generate"],
+                                                                                  toks["transformers"]))  # fmt: skip
+        tps = {k: [batch * new / t for t in v] for k, v in secs.items()}
+        med = {k: statistics.median(v) for k, v in tps.items()}
+        util = (active_bytes * med["loop"] / batch) / 1e9 / bw if batch == 1 else None
+        rows.append((f"batch {batch}", med, {k: (min(v), max(v)) for k, v in tps.items()}, same))
+        result[f"b{batch}_hf_tok_s"] = round(med["transformers"], 1)
+        result[f"b{batch}_sdk_tok_s"] = round(med["R1Model.generate"], 1)
+        result[f"b{batch}_ours_tok_s"] = round(med["loop"], 1)
+        result[f"b{batch}_sdk_speedup"] = round(med["R1Model.generate"] / med["transformers"], 2)
+        result[f"b{batch}_speedup"] = round(med["loop"] / med["transformers"], 2)
         result[f"b{batch}_same_tokens"] = same
         if util is not None:
             result["b1_bandwidth_utilisation"] = round(util, 3)
+    result["rounds"], result["load_at_start"] = args.rounds, float(load)
     lat_o, lat_h = long_context_latency(ours, hf, ctx)
     result[f"ctx{ctx}_hf_ms"] = round(lat_h * 1e3, 2)
     result[f"ctx{ctx}_ours_ms"] = round(lat_o * 1e3, 2)
     result[f"ctx{ctx}_speedup"] = round(lat_h / lat_o, 2)
-    print(f"{'case':<22}{'transformers':>14}{'ours':>12}{'ratio':>8}  same tokens")
-    for name, h, o, r, s in rows:
-        print(f"{name + ' tok/s':<22}{h:>14.1f}{o:>12.1f}{r:>7.2f}x  {s}")
-    print(f"{f'decode ms @ {ctx} ctx':<22}{lat_h * 1e3:>14.2f}{lat_o * 1e3:>12.2f}{lat_h / lat_o:>7.2f}x")
+    print(f"machine load (1-min average) at start: {load} on {os.cpu_count()} cores; medians of {args.rounds} "
+          "alternated rounds, min-max in brackets")  # fmt: skip
+    print(f"{'case':<14}{'transformers':>22}{'R1Model.generate':>22}{'loop':>22}{'sdk/hf':>8}  same tokens")
+    for name, med, span, same in rows:
+        cells = "".join(f"{med[k]:>9.1f} [{span[k][0]:.0f}-{span[k][1]:.0f}]".rjust(22) for k in cases)
+        print(f"{name + ' tok/s':<14}{cells}{med['R1Model.generate'] / med['transformers']:>7.2f}x  {same}")
+    print(f"{f'decode ms @ {ctx}':<14}{lat_h * 1e3:>22.2f}{'':>22}{lat_o * 1e3:>22.2f}{lat_h / lat_o:>7.2f}x")
     if "b1_bandwidth_utilisation" in result:
         print(f"batch-1 weight bandwidth: {result['b1_bandwidth_utilisation'] * 100:.0f}% of {bw:.1f} GB/s copy")
     print(json.dumps(result))
