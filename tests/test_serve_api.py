@@ -214,8 +214,10 @@ def test_keys_missing_wrong_revoked_and_budget(stack):
     billing.revoke(key.id)
     with pytest.raises(openai.AuthenticationError, match="revoked"):
         c.chat.completions.create(model=model, messages=msgs, max_tokens=2)
-    # a budget smaller than one request's cost: the first request runs, the next one is refused
-    secret, key = billing.create_key("tiny-budget", tier="basic", budget_usd=1e-6)
+    # a budget of one and a half requests' maximum cost: the first request runs, the next one is refused
+    prompt = len(chat_prompt_ids(stack["engine"].tokenizer, msgs))
+    secret, key = billing.create_key("tiny-budget", tier="basic", budget_usd=1.5 * billing.tiers["basic"].cost(prompt + 2))
+    assert billing.tiers["basic"].cost(prompt + 2) > 0
     c = openai.OpenAI(base_url=url, api_key=secret, max_retries=0)
     c.chat.completions.create(model=model, messages=msgs, max_tokens=2)
     flush(stack)

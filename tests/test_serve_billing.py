@@ -189,8 +189,8 @@ def test_rows_of_a_server_restarted_at_the_same_address_are_reconciled_at_once(d
 
 
 def test_concurrent_admissions_never_overshoot_the_budget(db):
-    """32 threads admit at once against a budget that covers one reservation: exactly one is admitted."""
-    _, key = db.create_key("race", tier="basic", budget_usd=1e-5)
+    """32 threads admit at once against a budget of one and a half reservations: exactly one is admitted."""
+    _, key = db.create_key("race", tier="basic", budget_usd=1.5 * 50 / 1000 * 0.001)
     results = []
 
     def admit(i):

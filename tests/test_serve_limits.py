@@ -16,7 +16,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from test_serve_support import LiveServer, Postgres, free_port, make_model_dir, postgres_bin
+from transformers import AutoTokenizer
 
+from deepseek.chat import chat_prompt_ids
 from deepseek.serve.api import create_app
 from deepseek.serve.billing import Billing, Tier
 from deepseek.serve.engine import Engine, EngineConfig
@@ -80,19 +82,20 @@ def chat(model: str, content: str = "hi", **kw) -> dict:
 
 
 def test_budget_holds_under_16_concurrent_requests(make_stack):
-    """Budget $0.00001 (10 basic-tier tokens), 16 concurrent requests: the first reserves its maximum cost, the
-    others are refused while it runs; the spend overshoots by at most that one reservation."""
+    """A budget of 100 basic-tier tokens, 16 concurrent requests that each reserve prompt + 16 tokens: a
+    request runs only if its maximum cost fits beside the spend and the running reservations, so the spend
+    never passes the budget (before: 16/16 served, 170x a 10-token budget)."""
     s = make_stack()
-    secret, key = s.billing.create_key("small", tier="basic", budget_usd=1e-5)
+    secret, key = s.billing.create_key("small", tier="basic", budget_usd=1e-4)
     rs = post_all(s.url, "/v1/chat/completions", secret,
                   [chat(s.engine.model_name, f"q{i}", max_tokens=16, ignore_eos=True) for i in range(16)])
     served = [r for r in rs if r.status_code == 200]
     refused = [r for r in rs if r.status_code == 429]
     assert len(served) + len(refused) == 16 and all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
-    assert len(served) <= 1, f"{len(served)}/16 served on a budget of 10 tokens"
-    one_reservation = max((r.json()["usage"]["prompt_tokens"] + 16) / 1000 * 0.001 for r in served) if served else 0
+    reservation = min((r.json()["usage"]["prompt_tokens"] + 16) / 1000 * 0.001 for r in served)
+    assert 1 <= len(served) <= 1e-4 // reservation, f"{len(served)}/16 served on a budget of 100 tokens"
     k = s.billing.get_key(key.id)
-    assert k.spent_usd <= 1e-5 + one_reservation + 1e-12 and k.reserved_usd == pytest.approx(0, abs=1e-12)
+    assert k.spent_usd <= 1e-4 * (1 + 1e-9) and k.reserved_usd == pytest.approx(0, abs=1e-12)
     rows = s.rows(key.id)  # every request has its row: the refusals as `rejected`, costing nothing
     assert len(rows) == 16 and sum(r["status"] == "rejected" for r in rows) == len(refused)
     assert sum(r["cost_usd"] for r in rows) == pytest.approx(k.spent_usd)
@@ -249,9 +252,9 @@ def replicas(request, model_dir, tmp_path):
         billing.close()
 
 
-def test_two_replicas_enforce_one_rpm_and_one_budget(replicas):
+def test_two_replicas_enforce_one_rpm_and_one_budget(replicas, model_dir):
     """Two `deepseek serve` processes on one database: 70 requests split across them get exactly the basic
-    tier's 60 per minute, and 8 concurrent requests on a one-request budget run once in total."""
+    tier's 60 per minute, and 8 concurrent requests on a budget of one and a half requests run once in total."""
     billing, urls = replicas
     name = httpx.get(urls[0] + "/health").json()["model"]
     secret, key = billing.create_key("rpm", tier="basic")
@@ -269,9 +272,11 @@ def test_two_replicas_enforce_one_rpm_and_one_budget(replicas):
     assert len(rows) == 70 and sum(r["status"] == "rejected" for r in rows) == 10
     assert len({r["instance"] for r in rows if r["status"] != "rejected"}) == 2  # both replicas served
 
-    secret, key = billing.create_key("budget", tier="basic", budget_usd=1e-5)
+    prompt = len(chat_prompt_ids(AutoTokenizer.from_pretrained(str(model_dir)), [{"role": "user", "content": "b0"}]))
+    budget = 1.5 * (prompt + 16) / 1000 * 0.001  # one request's maximum cost and a half
+    secret, key = billing.create_key("budget", tier="basic", budget_usd=budget)
     rs = asyncio.run(spread(secret, [chat(name, f"b{i}", max_tokens=16, ignore_eos=True) for i in range(8)]))
     codes = [r.status_code for r in rs]
     assert codes.count(200) == 1 and codes.count(429) == 7, codes
     k = billing.get_key(key.id)
-    assert k.reserved_usd == pytest.approx(0, abs=1e-12) and k.spent_usd <= 1e-5 + (64 + 16) / 1000 * 0.001
+    assert k.reserved_usd == pytest.approx(0, abs=1e-12) and k.spent_usd <= budget

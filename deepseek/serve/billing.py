@@ -326,8 +326,8 @@ class Billing:
         conn.execute(api_keys.update().where(api_keys.c.id == key_id)
                      .values(reserved_usd=api_keys.c.reserved_usd + reserve))  # fmt: skip
         key = _key(conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).mappings().one())
-        if key.budget_usd is not None and key.spent_usd + key.reserved_usd - reserve >= key.budget_usd:
-            raise AuthError(429, "insufficient_quota", _over_budget(key))  # the transaction rolls back
+        if key.budget_usd is not None and key.spent_usd + key.reserved_usd > key.budget_usd * (1 + 1e-9):
+            raise AuthError(429, "insufficient_quota", _over_budget(key, reserve))  # the transaction rolls back
         c = usage.c
         tokens = sa.case((c.status == OPEN, c.reserved_tokens), else_=c.prompt_tokens + c.completion_tokens)
         q = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(tokens), 0)).where(
@@ -458,9 +458,12 @@ class Billing:
         self.engine.dispose()
 
 
-def _over_budget(key: ApiKey) -> str:
-    return (f"API key {key.prefix}... has used or reserved its budget of ${key.budget_usd:.6f} "
-            f"(spent ${key.spent_usd:.6f}, reserved by running requests ${key.reserved_usd:.6f})")  # fmt: skip
+def _over_budget(key: ApiKey, reserve: float = 0.0) -> str:
+    left = key.budget_usd - key.spent_usd - (key.reserved_usd - reserve)
+    ask = f"this request reserves ${reserve:.6f} (prompt + max_tokens) but " if reserve else ""
+    return (f"API key {key.prefix}... budget ${key.budget_usd:.6f}: {ask}${max(left, 0.0):.6f} is left "
+            f"(spent ${key.spent_usd:.6f}, reserved by running requests ${key.reserved_usd - reserve:.6f}); "
+            "lower max_tokens or raise the budget")  # fmt: skip
 
 
 def _key(r) -> ApiKey:
