@@ -18,7 +18,7 @@ SUBCOMMANDS = [  # each module's add_parser(subparsers) registers its subcommand
     "deepseek.cli.train",
     "deepseek.cli.eval",
     "deepseek.cli.tokenizer",
-    "deepseek.cli_serve",  # serve, keys, usage: still at the package root (moves into this package later)
+    "deepseek.cli.serve",  # serve, keys, usage
     "deepseek.cli.recipe",
     "deepseek.cli.chat",
     "deepseek.cli.routing",

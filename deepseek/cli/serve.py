@@ -73,9 +73,9 @@ def run_serve(args) -> int:
     import torch
     import uvicorn
 
-    from .serve.api import create_app
-    from .serve.billing import Billing
-    from .serve.engine import Engine, EngineConfig
+    from ..serve.api import create_app
+    from ..serve.billing import Billing
+    from ..serve.engine import Engine, EngineConfig
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     auth = {"on": True, "off": False, "auto": not is_loopback(args.host)}[args.auth]
@@ -111,7 +111,7 @@ def run_serve(args) -> int:
 
 
 def run_keys(args) -> int:
-    from .serve.billing import Billing
+    from ..serve.billing import Billing
 
     db = Billing(args.db)
     if args.keys_command == "create":
@@ -131,7 +131,7 @@ def run_keys(args) -> int:
 
 
 def run_usage(args) -> int:
-    from .serve.billing import Billing
+    from ..serve.billing import Billing
 
     rows = Billing(args.db).usage_by_day(args.key)
     if args.json:
