@@ -10,8 +10,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import helpers
 import httpx
 import pytest
 import sqlalchemy as sa
