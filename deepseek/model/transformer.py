@@ -20,6 +20,8 @@ from .norm import MLP, RMSNorm
 from .rope import RotaryEmbedding
 from .routing import adaptive_routing
 
+IGNORE = -100  # label of a position without loss (transformers' convention); the one home of the value
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: R1Config, layer_idx: int):
@@ -209,7 +211,7 @@ class R1ForCausalLM(R1PreTrainedModel, GenerationMixin):
         logits = self.lm_head(h_BTD)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
             weight = mtp_loss_weight if mtp_loss_weight is not None else self.config.mtp_loss_weight
             if weight and len(self.mtp) and input_ids is not None:
                 loss = loss + weight * self.mtp_loss(out.hidden_states[0], input_ids, labels, position_ids)

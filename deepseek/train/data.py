@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-IGNORE = -100  # label of a token that carries no loss (PyTorch cross_entropy's ignore_index)
+from ..model.transformer import IGNORE  # noqa: F401  (re-exported: the trainer, GRPO and evaluation use it)
+
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md")
 # kind -> accepted (first, second) column pairs, in order of preference
 PAIR_COLUMNS = {
