@@ -24,9 +24,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import chat_prompt_ids
 from .billing import AuthError, Billing, Tier, default_tiers
 from .engine import Engine, QueueFull
-from .loading import chat_prompt_ids
 from .metering import Metrics, RequestRecord, UsageWriter
 from .protocol import (
     APIError,

@@ -77,10 +77,10 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: EngineConfig | None = None, dtype=torch.float32):
-        from .loading import load_model_and_tokenizer
+        from ..loading import load_model_and_tokenizer, served_name
 
-        model, tokenizer, name = load_model_and_tokenizer(name_or_path, dtype)
-        return cls(model, tokenizer, config, model_name=name)
+        model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype)
+        return cls(model, tokenizer, config, model_name=served_name(name_or_path))
 
     # ------------------------------------------------------------------ submitting
     def submit(self, prompt_ids: list[int], params: SamplingParams, listener: Callable[[Output], None],

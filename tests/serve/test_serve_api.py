@@ -13,11 +13,11 @@ import pytest
 import torch
 from serve_support import LiveServer, make_model_dir
 
+from deepseek.chat import chat_prompt_ids
 from deepseek.generation.loop import generate
 from deepseek.serve.api import create_app
 from deepseek.serve.billing import Billing
 from deepseek.serve.engine import Engine, EngineConfig
-from deepseek.serve.loading import chat_prompt_ids
 
 MAX_RUNNING = 16
 

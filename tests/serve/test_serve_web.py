@@ -67,7 +67,7 @@ def test_playground_streams_an_answer_with_reasoning_and_cost(tmp_path, browser)
             assert f"{row['completion_tokens']} completion tokens" in usage and "$0.0000" in usage
             assert row["status"] == "ok" and row["completion_tokens"] >= 1
             # the streamed reasoning equals what the API returns for the same greedy request
-            from deepseek.serve.loading import chat_prompt_ids
+            from deepseek.chat import chat_prompt_ids
             from deepseek.serve.sequence import SamplingParams
 
             ids = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": "Hello world"}])
