@@ -35,10 +35,15 @@ def add_parser(sub) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help="usage/keys database URL (SQLite file or PostgreSQL)")
     p.add_argument("--auth", choices=["auto", "on", "off"], default="auto",
                    help="API keys: auto = on unless bound to loopback")  # fmt: skip
-    p.add_argument("--max-running", type=int, default=32, help="sequences in the running batch (cache slots)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    # engine and HTTP settings default to None here: the one default lives in EngineConfig / ServeSettings
+    p.add_argument("--max-running", type=int, default=None, help="sequences in the running batch (cache slots)")
+    p.add_argument("--max-waiting", type=int, default=None, help="queued requests before answering 503")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    p.add_argument("--timeout", type=float, default=None, help="per-request timeout, seconds")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="a larger request body gets 413")
+    p.add_argument("--open-metrics", action="store_true", default=None, help="with auth on, /metrics without a key")
+    p.add_argument("--open-docs", action="store_true", default=None,
+                   help="with auth on, /openapi.json, /docs and /redoc without a key")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--grace", type=float, default=30.0,
                    help="on SIGTERM / Ctrl-C: seconds open requests may finish before they are cancelled")  # fmt: skip
@@ -76,18 +81,23 @@ def run_serve(args) -> int:
     from ..serve.api import create_app
     from ..serve.billing import Billing
     from ..serve.engine import Engine, EngineConfig
+    from ..serve.protocol import ServeSettings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     auth = {"on": True, "off": False, "auto": not is_loopback(args.host)}[args.auth]
-    config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
-                          max_model_len=args.max_model_len, default_timeout_s=args.timeout)  # fmt: skip
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731  (unset: the dataclass default)
+    config = EngineConfig(**given(max_running=args.max_running, max_waiting=args.max_waiting,
+                                  max_model_len=args.max_model_len, default_timeout_s=args.timeout))  # fmt: skip
+    settings = ServeSettings(**given(max_body_bytes=args.max_body_bytes, open_metrics=args.open_metrics,
+                                     open_docs=args.open_docs))  # fmt: skip
     billing = Billing(args.db, wait_s=args.db_wait)  # fails fast on a bad URL, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(args.model, config)
     usage = {"checkpoint_s": args.checkpoint_interval, "reconcile_after_s": args.reconcile_after,
              "name": f"{socket.gethostname()}:{args.port}"}  # rows of an earlier server here: reconciled at once
-    app = create_app(engine, billing, auth=auth, request_timeout_s=args.timeout, usage=usage)
+    app = create_app(engine, billing, auth=auth, request_timeout_s=config.default_timeout_s, usage=usage,
+                     settings=settings)  # fmt: skip
     writer = app.state.server.writer
     print(f"serving {engine.model_name} on http://{args.host}:{args.port} (auth {'on' if auth else 'off'}, "
           f"db {billing.dialect}, {config.max_running} slots x {engine.max_model_len} tokens, "
