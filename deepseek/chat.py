@@ -44,12 +44,20 @@ class Reply:
 class ChatSession:
     """History + streaming generation with a stop flag. `send` writes to `out` as tokens arrive."""
 
-    def __init__(self, model, tokenizer, out=None, color: bool | None = None, max_new_tokens: int = 512,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, system: str | None = None):  # fmt: skip
+    def __init__(self, model, tokenizer, out=None, color: bool | None = None, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                 system: str | None = None):  # fmt: skip
+        """Sampling settings left None take the model's defaults (its generation_config.json)."""
+        from .generation.defaults import sampling_defaults
+
+        d = sampling_defaults(model)
         self.model, self.tok = model, tokenizer
         self.out = out or sys.stdout
         self.color = self.out.isatty() if color is None else color
-        self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
+        self.max_new_tokens = d.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self.temperature = d.temperature if temperature is None else temperature
+        self.top_p = d.top_p if top_p is None else top_p
+        self.seed = seed
         self.system = system
         self.history: list[dict] = []
         self.stop_event = threading.Event()

@@ -15,6 +15,8 @@ import sys
 
 from deepseek.chat import ChatSession
 
+from .sampling import add_sampling_arguments, check_sampling_arguments, resolve_sampling
+
 HELP = "commands: /reset (clear the conversation), /exit (quit); Ctrl-C stops a reply, Ctrl-D quits"
 
 
@@ -23,26 +25,21 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="deepseek/r1-tiny", help="model folder, bundled name or HF-cache repo id")
     p.add_argument("--prompt", default=None, help="one-shot: answer this and exit")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (best for the tiny models)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(p)
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    check_sampling_arguments(args)
     from deepseek.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model, device=args.device)
+    d = resolve_sampling(args, model)
     color = {"auto": None, "always": True, "never": False}[args.color]
-    session = ChatSession(model, tok, color=color, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, system=args.system)  # fmt: skip
+    session = ChatSession(model, tok, color=color, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+                          top_p=d.top_p, seed=args.seed, system=args.system)  # fmt: skip
     if args.prompt is not None:
         session.send(args.prompt)
         return 0

@@ -5,15 +5,14 @@ from __future__ import annotations
 import sys
 import time
 
+from .sampling import add_sampling_arguments, check_sampling_arguments, resolve_sampling
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion for a prompt")
     p.add_argument("--model", default="deepseek/r1-tiny", help="model folder or bundled name")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--int8", action="store_true", help="int8 weight-only quantisation")
     p.add_argument("--device", default="cpu")
@@ -26,9 +25,9 @@ def run(args) -> int:
     from deepseek.generation.loop import generate
     from deepseek.loading import load_model_and_tokenizer
 
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    check_sampling_arguments(args)
     model, tok = load_model_and_tokenizer(args.model, device=args.device, int8=args.int8)
+    d = resolve_sampling(args, model)
     if args.chat and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                        add_generation_prompt=True)  # fmt: skip
@@ -48,7 +47,7 @@ def run(args) -> int:
             shown = text
 
     t = time.perf_counter()
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    out = generate(model, ids, max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
                    eos_token_id=tok.eos_token_id, seed=args.seed, on_token=on_token)  # fmt: skip
     n = len(out.new_tokens[0])
     print(f"\n[{n} tokens, {n / (time.perf_counter() - t):.1f} tok/s, decode "

@@ -169,6 +169,10 @@ def load_pretrained(cls, name_or_path, config: R1Config | None = None, dtype=Non
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(missing[:8])}"
                          + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))  # fmt: skip
+    if (path / "generation_config.json").is_file():  # the model's own sampling defaults (one for every front end)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     model.eval()
     return model
 
@@ -271,6 +275,9 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB", st
     config = model.config
     config.architectures = ["R1ForCausalLM"]  # the model class (the SDK's R1Model adds no weights)
     _atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(config.to_json_string()))
+    if getattr(model, "generation_config", None) is not None:
+        _atomic_write(out_dir / "generation_config.json",
+                      lambda p: Path(p).write_text(model.generation_config.to_json_string()))  # fmt: skip
     return out_dir
 
 

@@ -25,6 +25,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import chat_prompt_ids
+from ..generation.defaults import sampling_defaults
 from .billing import AuthError, Billing, Tier, default_tiers
 from .engine import Engine, QueueFull
 from .metering import Metrics, RequestRecord, UsageWriter
@@ -64,6 +65,7 @@ class Server:
         self.metrics = Metrics()
         self.writer = UsageWriter(billing, cancel=engine.cancel, **(usage or {})) if billing else None
         self.request_timeout_s = request_timeout_s
+        self.defaults = sampling_defaults(engine.model)  # temperature / top_p / top_k a request leaves unset
 
     def caller(self, request: Request) -> Caller:
         if not self.auth:
@@ -105,8 +107,10 @@ class Server:
             raise APIError(400, str(exc), "invalid_value") from None
 
     def _params(self, req, max_tokens, logprobs, prompt_logprobs, parse_reasoning) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+        d = self.defaults  # unset sampling fields: the model's generation_config.json, as in the CLI and SDK
+        return SamplingParams(max_tokens=max_tokens, temperature=d.temperature if req.temperature is None else req.temperature,
+                              top_p=d.top_p if req.top_p is None else req.top_p,
+                              top_k=d.top_k if req.top_k is None else req.top_k, seed=req.seed,
                               stop=req.stop_list(), ignore_eos=req.ignore_eos, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs, parse_reasoning=parse_reasoning,
                               timeout_s=self.request_timeout_s)  # fmt: skip
@@ -226,7 +230,8 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
     @app.get("/v1/models", responses=error_responses(401, 429))
     async def models(who: Caller = Depends(caller)):
         return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
-                                            "owned_by": "deepseek", "max_model_len": engine.max_model_len}]}  # fmt: skip
+                                            "owned_by": "deepseek", "max_model_len": engine.max_model_len,
+                                            "sampling_defaults": server.defaults.as_dict()}]}  # fmt: skip
 
     @app.get("/v1/pricing")
     async def pricing():

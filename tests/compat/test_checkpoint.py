@@ -101,4 +101,4 @@ def test_unknown_name_lists_bundled_models(tmp_path):
 
 def test_save_leaves_no_temporary_files(tmp_path):
     random_model(tiny_config()).save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
