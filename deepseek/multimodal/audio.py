@@ -167,17 +167,26 @@ def sinusoid(n: int, d: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- encoder
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at each (mel, frame) position: no statistics cross frames, so padding a clip
+    in a batch cannot change its features."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x_BCmf):
+        return self.norm(x_BCmf.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: MultimodalConfig):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("fbank_MK", mel_filterbank(cfg.n_mels, cfg.n_fft, cfg.sample_rate), persistent=False)
         c = cfg.dim // 4
-
-        def block(i, o, s):
-            return nn.Sequential(nn.Conv2d(i, o, 3, s, 1), nn.GroupNorm(8, o), nn.GELU())
-
-        self.stem = nn.Sequential(block(1, c, 2), block(c, 2 * c, 2))
+        self.stem = nn.ModuleList([nn.Sequential(nn.Conv2d(1, c, 3, 2, 1), ChannelNorm(c), nn.GELU()),
+                                   nn.Sequential(nn.Conv2d(c, 2 * c, 3, 2, 1), ChannelNorm(2 * c), nn.GELU())])
         self.proj = nn.Linear(2 * c * ((cfg.n_mels + 3) // 4), cfg.dim)
         max_tokens = int(cfg.max_seconds * cfg.sample_rate / cfg.hop) // 4 + 2
         self.register_buffer("pos_ND", sinusoid(max_tokens, cfg.dim), persistent=False)
@@ -189,16 +198,24 @@ class AudioEncoder(nn.Module):
         if not isinstance(audio, (list, tuple)) or (len(audio) == 2 and isinstance(audio[1], int)):
             audio = [audio]
         waves = [a.float() if isinstance(a, torch.Tensor) else load_audio(a, self.cfg) for a in audio]
-        T = max(w.shape[0] for w in waves)
-        wave_BT = torch.stack([F.pad(w, (0, T - w.shape[0])) for w in waves]).to(self.fbank_MK.device)
-        frames_B = torch.tensor([1 + w.shape[0] // self.cfg.hop for w in waves], device=wave_BT.device)
-        return normalise(log_mel(wave_BT, self.fbank_MK, self.cfg.n_fft, self.cfg.hop), frames_B), frames_B
+        dev = self.fbank_MK.device
+        # one clip at a time: the STFT reflects at each clip's own end, so batching cannot change a clip
+        mels = [log_mel(w[None].to(dev), self.fbank_MK, self.cfg.n_fft, self.cfg.hop)[0] for w in waves]
+        F_ = max(m.shape[1] for m in mels)
+        frames_B = torch.tensor([m.shape[1] for m in mels], device=dev)
+        mel_BMF = torch.stack([F.pad(m, (0, F_ - m.shape[1])) for m in mels])
+        return normalise(mel_BMF, frames_B), frames_B
 
     def forward_features(self, mel_BMF: torch.Tensor, frames_B: torch.Tensor) -> EncoderOutput:
-        f_BCmn = self.stem(mel_BMF.unsqueeze(1))
-        B, C, m, N = f_BCmn.shape
-        x_BND = self.proj(f_BCmn.permute(0, 3, 1, 2).reshape(B, N, C * m)) + self.pos_ND[:N]
-        mask_BN = torch.arange(N, device=x_BND.device)[None] < ((frames_B + 3) // 4)[:, None]
+        x = mel_BMF.unsqueeze(1)
+        n_B = frames_B
+        for block in self.stem:  # stride 2 in mel and time; padded frames re-zeroed after every block
+            x = block(x)
+            n_B = (n_B + 1) // 2
+            x = x * (torch.arange(x.shape[-1], device=x.device)[None] < n_B[:, None])[:, None, None]
+        B, C, m, N = x.shape
+        x_BND = self.proj(x.permute(0, 3, 1, 2).reshape(B, N, C * m)) + self.pos_ND[:N]
+        mask_BN = torch.arange(N, device=x_BND.device)[None] < n_B[:, None]
         return self.trunk(x_BND, mask_BN)
 
     def forward(self, audio) -> EncoderOutput:

@@ -69,17 +69,18 @@ def gather(x_BSC: torch.Tensor, idx_B_: torch.Tensor) -> torch.Tensor:
     return out.reshape(*idx_B_.shape, x_BSC.shape[-1])
 
 
-def prepare_clouds(clouds, cfg: MultimodalConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A list of (N_i, 3|6) clouds (or one) -> (B, S, 6): validated, normalised, resampled to S points
-    (random subset without replacement if larger, repeated with replacement if smaller; seeded)."""
+def prepare_clouds(clouds, cfg: MultimodalConfig, seed: int = 0) -> torch.Tensor:
+    """A list of (N_i, 3|6) clouds (or one) -> (B, S, 6): validated, resampled to S points (random subset
+    without replacement if larger, drawn with replacement if smaller; seeded per cloud), normalised. A (B, S, 6)
+    tensor given to PointsEncoder is taken as already prepared."""
     if isinstance(clouds, torch.Tensor) and clouds.ndim == 3:
         clouds = list(clouds)
     elif not isinstance(clouds, (list, tuple)):
         clouds = [clouds]
-    g = generator or torch.Generator().manual_seed(0)
     S = cfg.sample_points
     out = []
     for c in clouds:
+        g = torch.Generator().manual_seed(seed)  # per cloud: a cloud's subset does not depend on its batch
         p = validate_points(c, cfg.max_points)
         if p.shape[1] == 3:
             p = torch.cat([p, torch.zeros_like(p)], 1)

@@ -51,6 +51,6 @@ class TextEncoder(nn.Module):
     def forward(self, texts) -> EncoderOutput:
         ids_BL, mask_BL = encode_bytes(texts, self.cfg.max_text_bytes)
         ids_BL, mask_BL = ids_BL.to(self.embed.weight.device), mask_BL.to(self.embed.weight.device)
-        x_BLD = self.embed(ids_BL)
+        x_BLD = self.embed(ids_BL) * mask_BL.unsqueeze(-1)  # padding reads as zeros, as at the edges
         x_BLD = x_BLD + self.conv(x_BLD.transpose(1, 2)).transpose(1, 2) + self.pos_LD[: ids_BL.shape[1]]
         return self.trunk(x_BLD, mask_BL)
