@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=2e-3, help="non-private LoRA learning rate")
+    ap.add_argument("--dp-lr", type=float, default=5e-3, help="DP learning rate (noisy steps need a larger one)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -123,8 +125,8 @@ def main() -> None:
     from deepseek.train.finetune import find_tokenizer
     from deepseek.train.privacy import LoopConfig, PrivacyConfig, heldout_loss, prepare_records
 
-    n_train, n_test = (120, 100) if args.quick else (400, 300)
-    batch, epochs, n_cand = (16, 2, 200) if args.quick else (32, 3, 500)
+    n_train, n_test = (120, 100) if args.quick else (280, 300)
+    batch, epochs, n_cand = (16, 2, 200) if args.quick else (32, 2, 500)
     train_rows, test_rows, canaries = build_data(n_train, n_test, seed=0)
     base, _ = fresh(args.model)
     tok = find_tokenizer(base, None)
@@ -143,7 +145,7 @@ def main() -> None:
     base_loss = heldout_loss(base, test, pad_id)
     results["base"] = {"heldout_loss": base_loss, "exact_match": exact_match(base, test, pad_id),
                        "exposure": [exposure(base, tok, c, n_cand, 1, pad_id)[0] for _, c in canaries]}  # fmt: skip
-    for name, privacy, lr in (("non-private", None, 2e-3), (f"dp eps={args.epsilon:g}", dp, 2e-3)):
+    for name, privacy, lr in (("non-private", None, args.lr), (f"dp eps={args.epsilon:g}", dp, args.dp_lr)):
         loop = LoopConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 20), progress=True)
         _, peft, m = run_one(args.model, train, None, loop, privacy, pad_id)
         exp = [exposure(peft, tok, c, n_cand, 1, pad_id) for _, c in canaries]
@@ -157,7 +159,7 @@ def main() -> None:
 
     # cost: A B A B on the same records, same (expected) batch, a few steps each
     timing = {"non-private": [], "dp": []}
-    t_steps = 2 if args.quick else 3
+    t_steps = 2
     for _ in range(max(3, args.rounds)):
         for name, privacy in (("non-private", None), ("dp", dp)):
             loop = LoopConfig(steps=t_steps, batch_size=batch, lr=1e-3, progress=False)
@@ -187,7 +189,7 @@ def main() -> None:
                "exact_match_gap": dp_["exact_match"] - np_["exact_match"],
                "records_per_s": timing, "records_per_s_median": med, "cost_ratio": cost_ratio,
                "canary_repeats": list(CANARY_REPEATS), "candidates": n_cand, "loadavg_start": load,
-               "loadavg_end": open("/proc/loadavg").read().split()[:3], "threads": args.threads}  # fmt: skip
+               "loadavg_end": open("/proc/loadavg").read().split()[:3], "threads": args.threads, "lr": args.lr, "dp_lr": args.dp_lr}  # fmt: skip
     print(json.dumps(summary))
 
 

@@ -314,6 +314,7 @@ def train_records(model: nn.Module, train: Records, val: Records | None, loop: L
     out = {"steps": loop.steps, "losses": losses, "final_loss": losses[loop.steps] if losses else None,
            "val_loss": val_loss, "val_losses": {**val_losses, loop.steps: val_loss}, "seconds": seconds,
            "steps_per_second": loop.steps / seconds, "mean_batch": sum(batch_sizes) / len(batch_sizes),
+           "batch_sizes": batch_sizes,
            "trainable_parameters": sum(p.numel() for p in params)}  # fmt: skip
     if privacy is not None:
         steps_per_epoch = max(1, round(1 / q))

@@ -94,6 +94,17 @@ def test_records_never_share_a_gradient(lora_model, records):
     assert not torch.allclose(after[1], before[1])
 
 
+def test_dp_steps_use_poisson_batches(lora_model):
+    from deepseek.train.privacy import LoopConfig, train_records
+
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(3, 211, (8,), generator=g) for _ in range(20)]
+    m = train_records(lora_model, Records(ids, [x.clone() for x in ids]), None,
+                      LoopConfig(steps=8, batch_size=5, lr=1e-4, progress=False), PrivacyConfig(delta=1e-3), 2)  # fmt: skip
+    assert m["sample_rate"] == 0.25 and len(set(m["batch_sizes"])) > 1, m["batch_sizes"]
+    assert m["privacy_unit"] == "sequence" and m["sampling"] == "poisson" and 0 < m["epsilon"] <= 8.0
+
+
 def test_clipping_noise_and_mean():
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(5000, generator=g) * s for s in (0.01, 0.5, 3.0, 40.0)]
