@@ -3,8 +3,9 @@
 Shapes: B batch, N points (<= config.max_points), S = config.sample_points after subsampling, G groups
 (config.n_groups, farthest-point sampled centres), K neighbours per group (config.group_size), D shared width.
 Each cloud is centred and scaled to the unit sphere; a cloud with 3 channels gets zero extra channels.
-A shared PointNet (point MLP + max over the group) embeds each group's centred neighbourhood; the group's
-centre is embedded and added; a transformer layer mixes groups.
+A shared PointNet (3-layer point MLP + max over the group) embeds each group from its points' offsets to the
+centre (in units of the group's radius), their extra channels and their absolute positions; a transformer
+layer mixes the groups.
 """
 
 from __future__ import annotations
@@ -95,21 +96,24 @@ class PointsEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.dim
-        self.point_mlp = nn.Sequential(nn.Linear(6, D // 2), nn.GELU(), nn.Linear(D // 2, D))
-        self.group_mlp = nn.Sequential(nn.Linear(2 * D, D), nn.LayerNorm(D), nn.GELU(), nn.Linear(D, D))
-        self.centre = nn.Sequential(nn.Linear(3, D), nn.GELU(), nn.Linear(D, D))
+        self.point_mlp = nn.Sequential(nn.Linear(9, D // 2), nn.LayerNorm(D // 2), nn.GELU(), nn.Linear(D // 2, D),
+                                       nn.LayerNorm(D), nn.GELU(), nn.Linear(D, D))
         self.trunk = Trunk(cfg)
 
     def forward(self, clouds) -> EncoderOutput:
         p_BS6 = clouds if isinstance(clouds, torch.Tensor) and clouds.ndim == 3 and clouds.shape[-1] == 6 \
             else prepare_clouds(clouds, self.cfg)
-        p_BS6 = p_BS6.to(self.centre[0].weight.device)
+        p_BS6 = p_BS6.to(self.point_mlp[0].weight.device)
         xyz_BS3 = p_BS6[..., :3]
         centres_BG = farthest_point_sample(xyz_BS3, self.cfg.n_groups)
         c_BG3 = gather(xyz_BS3, centres_BG)
         nb_BGK = knn(c_BG3, xyz_BS3, self.cfg.group_size)
         g_BGK6 = gather(p_BS6, nb_BGK)
-        local_BGK6 = torch.cat([g_BGK6[..., :3] - c_BG3[:, :, None], g_BGK6[..., 3:]], -1)
-        h_BGKD = self.point_mlp(local_BGK6)
-        h_BGD = self.group_mlp(torch.cat([h_BGKD.amax(2), h_BGKD.mean(2)], -1))
-        return self.trunk(h_BGD + self.centre(c_BG3))
+        rel_BGK3 = g_BGK6[..., :3] - c_BG3[:, :, None]
+        radius_BG11 = rel_BGK3.norm(dim=-1).amax(-1)[..., None, None].clamp_min(1e-6)
+        # offsets in group radii, extra channels, and the absolute position (so max-pooling keeps "what where")
+        local_BGK9 = torch.cat([rel_BGK3 / radius_BG11, g_BGK6[..., 3:], g_BGK6[..., :3]], -1)
+        h_BGKD = self.point_mlp(local_BGK9)
+        # the PointNet: max over the group. No separate centre embedding: the absolute positions are in the
+        # point features, and an added centre term (same size for every cloud) drowned the max-pooled signal
+        return self.trunk(h_BGKD.amax(2))
