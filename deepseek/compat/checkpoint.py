@@ -107,7 +107,9 @@ def load_pretrained(cls, name_or_path, config: R1Config | None = None, dtype=Non
                     device="cpu", use_mtp: bool | None = None, **overrides):  # fmt: skip
     path = resolve(name_or_path)
     overrides.pop("trust_remote_code", None)
-    config = config or R1Config.from_pretrained(str(path), **overrides)
+    if config is None:  # from the dict: a "deepseek_v3" config.json is ours to read (no model-type warning)
+        config_dict, _ = R1Config.get_config_dict(str(path))
+        config = R1Config.from_dict({**{k: v for k, v in config_dict.items() if k != "model_type"}, **overrides})
     config._name_or_path = str(path)  # where the weights came from (the SDK finds the tokenizer there)
     dtype = dtype or torch_dtype
     if dtype in (None, "auto"):
@@ -272,13 +274,21 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB", st
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write(out_dir / INDEX_FILE, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
-    config = model.config
-    config.architectures = ["R1ForCausalLM"]  # the model class (the SDK's R1Model adds no weights)
-    _atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(config.to_json_string()))
+    _atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config_dict(model.config),
+                                                                                   indent=2, sort_keys=True)))
     if getattr(model, "generation_config", None) is not None:
         _atomic_write(out_dir / "generation_config.json",
                       lambda p: Path(p).write_text(model.generation_config.to_json_string()))  # fmt: skip
     return out_dir
+
+
+def hf_config_dict(config: R1Config) -> dict:
+    """config.json as DeepSeek-V3 itself writes it (model_type "deepseek_v3", DeepseekV3ForCausalLM), so
+    transformers, vLLM, SGLang and llama.cpp's converter read it unchanged; this project's own settings stay
+    under their own keys ("routing", "compression", ...), which those tools ignore."""
+    d = config.to_dict()
+    d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
+    return d
 
 
 # Whatever reads or writes our checkpoints also makes transformers' AutoConfig / AutoModelForCausalLM (and so

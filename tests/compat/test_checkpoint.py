@@ -102,3 +102,39 @@ def test_unknown_name_lists_bundled_models(tmp_path):
 def test_save_leaves_no_temporary_files(tmp_path):
     random_model(tiny_config()).save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_saved_checkpoint_loads_in_transformers_in_a_process_that_never_imports_us(tmp_path):
+    """save_pretrained writes DeepSeek-V3's own config (model_type deepseek_v3): transformers' Auto classes load
+    it unchanged, no weight missing (the MTP layer is reported unexpected, as for DeepSeek-V3's own release)."""
+    import json
+    import subprocess
+    import sys
+
+    from deepseek import R1Model
+
+    model = R1Model.from_pretrained("deepseek/r1-tiny")
+    model.save_pretrained(tmp_path)
+    ids = [[0, 5, 17, 33, 99, 120, 7]]
+    with torch.no_grad():
+        ours = model(torch.tensor(ids)).logits[0, -1]
+    code = f"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+m, info = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, output_loading_info=True, dtype=torch.float32)
+with torch.no_grad():
+    logits = m(torch.tensor({ids})).logits[0, -1].tolist()
+print(json.dumps({{"class": type(m).__name__, "missing": sorted(info["missing_keys"]),
+                  "unexpected": sorted(info["unexpected_keys"]), "logits": logits,
+                  "imported_us": "deepseek" in sys.modules}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["class"] == "DeepseekV3ForCausalLM" and not got["imported_us"]
+    assert got["missing"] == []
+    mtp = f"model.layers.{model.config.num_hidden_layers}."
+    assert got["unexpected"] and all(k.startswith(mtp) for k in got["unexpected"])
+    assert (torch.tensor(got["logits"]) - ours).abs().max() < 1e-4
+    again = R1Model.from_pretrained(tmp_path)  # and ours reads it back, with its own settings
+    assert again.config.routing == model.config.routing and again.config.compression == model.config.compression
