@@ -100,7 +100,7 @@ def test_dp_steps_use_poisson_batches(lora_model):
     g = torch.Generator().manual_seed(3)
     ids = [torch.randint(3, 211, (8,), generator=g) for _ in range(20)]
     m = train_records(lora_model, Records(ids, [x.clone() for x in ids]), None,
-                      LoopConfig(steps=8, batch_size=5, lr=1e-4, progress=False), PrivacyConfig(delta=1e-3), 2)  # fmt: skip
+                      LoopConfig(steps=6, batch_size=5, lr=1e-4, progress=False), PrivacyConfig(delta=1e-3, accountant="rdp"), 2)  # fmt: skip
     assert m["sample_rate"] == 0.25 and len(set(m["batch_sizes"])) > 1, m["batch_sizes"]
     assert m["privacy_unit"] == "sequence" and m["sampling"] == "poisson" and 0 < m["epsilon"] <= 8.0
 
@@ -169,14 +169,14 @@ def test_sdk_private_finetune_reports_its_privacy(chat_records):
     with pytest.raises(ValueError, match=r"delta=0.1 is >= 1/N"):  # before any training
         model.finetune(dataset=chat_records, epochs=1, privacy={"delta": 0.1}, progress=False)
     before = model.model.layers[1].mlp.experts.gate_up_proj.detach().clone()
-    m = model.finetune(dataset=chat_records, epochs=1, batch_size=4, max_steps=3, progress=False, seq_len=64,
+    m = model.finetune(dataset=chat_records, epochs=1, batch_size=2, max_steps=2, progress=False, seq_len=48,
                        privacy={"epsilon": 8.0, "delta": 1e-3, "max_grad_norm": 0.5, "accountant": "rdp"})  # fmt: skip
     N = m["data"]["train_records"]
-    assert m["privacy_unit"] == "sequence" and m["accountant"] == "rdp" and m["steps"] == 3
-    assert m["sample_rate"] == pytest.approx(4 / N) and m["max_grad_norm"] == 0.5 and m["delta"] == 1e-3
-    planned = noise_multiplier(PrivacyConfig(8.0, 1e-3, 0.5, "rdp"), 4 / N, 3)
+    assert m["privacy_unit"] == "sequence" and m["accountant"] == "rdp" and m["steps"] == 2
+    assert m["sample_rate"] == pytest.approx(2 / N) and m["max_grad_norm"] == 0.5 and m["delta"] == 1e-3
+    planned = noise_multiplier(PrivacyConfig(8.0, 1e-3, 0.5, "rdp"), 2 / N, 2)
     assert m["noise_multiplier"] == pytest.approx(planned)
-    assert m["epsilon"] == pytest.approx(epsilon_spent(planned, 4 / N, 3, 1e-3, "rdp")) and m["epsilon"] <= 8.0
+    assert m["epsilon"] == pytest.approx(epsilon_spent(planned, 2 / N, 2, 1e-3, "rdp")) and m["epsilon"] <= 8.0
     assert list(m["epsilon_per_epoch"].values())[-1] == pytest.approx(m["epsilon"])
     assert not any(".mtp." in n for n in m["private_parameters"])
     assert m["out_dir"] is None and m["method"] == "dp-lora"
@@ -191,7 +191,7 @@ def test_small_data_gets_enough_steps_and_no_temp_folder(chat_records, tmp_path,
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model = R1Model.from_pretrained("deepseek/r1-tiny")
-    m = model.finetune(dataset=chat_records[:20], epochs=1, seq_len=128, min_steps=6, progress=False)
-    assert m["steps"] >= 6 and m["batch_size"] < 8, (m["steps"], m["batch_size"])
+    m = model.finetune(dataset=chat_records[:20], epochs=1, seq_len=128, min_steps=4, progress=False)
+    assert m["steps"] >= 4 and m["batch_size"] < 8, (m["steps"], m["batch_size"])
     assert m["out_dir"] is None and list(tmp_path.iterdir()) == [], "temporary run folder removed"
     assert math.isfinite(m["final_loss"])
