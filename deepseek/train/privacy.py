@@ -74,6 +74,10 @@ def resolve_privacy(privacy) -> PrivacyConfig | None:
     PrivacyConfig: that."""
     if privacy is None or privacy is False:
         return None
+    try:
+        import opacus  # noqa: F401  (the accountants)
+    except ImportError:
+        raise ValueError("private fine-tuning needs Opacus' accountants: pip install 'deepseek-r1-open[privacy]'") from None
     if privacy is True:
         return PrivacyConfig()
     if isinstance(privacy, PrivacyConfig):
