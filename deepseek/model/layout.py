@@ -12,7 +12,7 @@ def prepare_for_decode(model) -> None:
     One-token decode is a matrix-vector product; on CPU BLAS it runs ~1.5-3x faster reading W^T row by row
     than W. The parameters stay ordinary nn.Linear weights (training, saving and LoRA are unaffected; saving
     writes them contiguous). Idempotent; costs one copy of each weight, once."""
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    tied = model.config.tie_word_embeddings
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.endswith("kv_b_proj") or (tied and name == "lm_head"):

@@ -279,7 +279,7 @@ def _max_token_chars(tokenizer) -> int:
 
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()
-    for v in (getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+    for v in (model.config.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
         if isinstance(v, int):
             ids.add(v)
         elif isinstance(v, list):

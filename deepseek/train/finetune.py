@@ -36,7 +36,7 @@ def find_tokenizer(model, tokenizer):
 
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
-    candidates = [tokenizer, getattr(model.config, "_name_or_path", None)]
+    candidates = [tokenizer, model.config._name_or_path]
     for c in candidates:
         if c and (Path(c) / "tokenizer.json").is_file():
             return AutoTokenizer.from_pretrained(str(c))
