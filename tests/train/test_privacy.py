@@ -105,6 +105,28 @@ def test_dp_steps_use_poisson_batches(lora_model):
     assert m["privacy_unit"] == "sequence" and m["sampling"] == "poisson" and 0 < m["epsilon"] <= 8.0
 
 
+def test_noise_free_dp_step_applies_the_mean_of_clipped_grads(lora_model, records, monkeypatch):
+    """End to end through train_records: with sigma forced to 0 the gradient handed to the optimizer is
+    sum(clip(g_i, C) for the Poisson-sampled i) / (q N)."""
+    import deepseek.train.privacy as privacy
+
+    params = [p for _, p in private_parameters(lora_model)]
+    C, N, B, seed = 0.05, len(records), 2, 4
+    g = torch.Generator().manual_seed(seed)
+    torch.randperm(N, generator=g)  # train_records draws its (unused) permutation first
+    idx = torch.nonzero(torch.rand(N, generator=g) < B / N).flatten().tolist()
+    assert idx, "seed gives a non-empty batch"
+    expected = sum(clip(f, C) for _, f, _ in per_sample_grads(lora_model, params, records, idx)) / B
+    seen = []
+    monkeypatch.setattr(privacy, "noise_multiplier", lambda *a: 0.0)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: seen.append(
+        torch.cat([p.grad.reshape(-1).clone() for p in params])))  # fmt: skip
+    privacy.train_records(lora_model, records, None, privacy.LoopConfig(steps=1, batch_size=B, seed=seed,
+                          progress=False), PrivacyConfig(delta=1e-3, max_grad_norm=C, accountant="rdp"), 2)  # fmt: skip
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-7)
+
+
 def test_clipping_noise_and_mean():
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(5000, generator=g) * s for s in (0.01, 0.5, 3.0, 40.0)]
