@@ -1,7 +1,7 @@
 """Four modalities in one shared space: train the binding, then measure it on held-out data.
 
-    python benchmarks/multimodal.py --quick     # smoke run: 60 steps (about 2 minutes)
-    python benchmarks/multimodal.py             # the reported run (about 15 min on 2 cores), saves the weights
+    python benchmarks/multimodal.py --quick     # smoke run: 60 steps (a few minutes)
+    python benchmarks/multimodal.py             # the reported run (200 steps, 15-25 min on 2 shared cores), saves the weights
     python benchmarks/multimodal.py --steps 3000 --no-save
 
 Binds image, audio and 3D points to the text anchor (symmetric InfoNCE, learned temperature, ImageBind-style:
@@ -342,8 +342,8 @@ def plots(emb, r1, out_dir: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=220)
-    ap.add_argument("--sup-steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--sup-steps", type=int, default=30)
     ap.add_argument("--per-class", type=int, default=8, help="batch = 10 x per-class")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--per-glyph", type=int, default=20)
