@@ -110,6 +110,7 @@ def test_noise_free_dp_step_applies_the_mean_of_clipped_grads(lora_model, record
     sum(clip(g_i, C) for the Poisson-sampled i) / (q N)."""
     import deepseek.train.privacy as privacy
 
+    lora_model.train()  # as train_records runs it (an earlier test's train_records left it in eval mode)
     params = [p for _, p in private_parameters(lora_model)]
     C, N, B, seed = 0.05, len(records), 2, 4
     g = torch.Generator().manual_seed(seed)
