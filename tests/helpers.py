@@ -60,3 +60,14 @@ def to_transformers(model: R1ForCausalLM, tmp_path) -> DeepseekV3ForCausalLM:
     hf_config(model.config).save_pretrained(tmp_path)
     hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
     return hf.eval()
+
+
+def padded_batch(vocab: int, seed: int = 0):
+    """(ids, mask) of 3 rows x 14 tokens, rows 1 and 2 left-padded with 2 (5 and 9 positions)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 14), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    mask[2, :9] = 0
+    ids[mask == 0] = 2
+    return ids, mask

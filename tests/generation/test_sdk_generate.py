@@ -3,26 +3,16 @@
 import logging
 
 import torch
-from helpers import random_model, tiny_config, to_transformers
+from helpers import padded_batch, random_model, tiny_config, to_transformers
 
 from deepseek import R1Model
 from deepseek.generation import loop
 
 
-def padded_batch(vocab: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (3, 14), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # left padding
-    mask[2, :9] = 0
-    ids[mask == 0] = 2
-    return ids, mask
-
-
 def test_generate_runs_the_loop_and_matches_transformers_with_stops(tmp_path, monkeypatch):
     model = random_model(tiny_config(), cls=R1Model)
     hf = to_transformers(model, tmp_path)
-    ids, mask = padded_batch(model.config.vocab_size)
+    ids, mask = padded_batch(model.config.vocab_size, seed=1)
     free = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=2)
     eos = int(free[0, 14 + 5])  # a token row 0 emits at step 5: rows stop at different steps
     calls = []
@@ -63,7 +53,7 @@ def test_defaults_come_from_generation_config_and_streamer_sees_every_token(tmp_
 def test_unsupported_settings_fall_back_to_transformers_with_one_note(tmp_path, caplog):
     model = random_model(tiny_config(), cls=R1Model)
     hf = to_transformers(model, tmp_path)
-    ids, mask = padded_batch(model.config.vocab_size)
+    ids, mask = padded_batch(model.config.vocab_size, seed=1)
     with caplog.at_level(logging.WARNING, logger="deepseek.sdk"):
         ours = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=2, eos_token_id=None,
                               pad_token_id=2)  # fmt: skip

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import random_model, tiny_config, to_transformers
+from helpers import padded_batch, random_model, tiny_config, to_transformers
 from transformers import DeepseekV3ForCausalLM
 
 from deepseek import R1ForCausalLM
@@ -14,16 +14,6 @@ CONFIGS = {
     "no_groups": dict(groups=False),
     "yarn": dict(yarn=True),
 }
-
-
-def padded_batch(vocab: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (3, 14), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # left padding
-    mask[2, :9] = 0
-    ids[mask == 0] = 2
-    return ids, mask
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

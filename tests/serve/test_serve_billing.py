@@ -11,18 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
-from serve_support import Postgres, postgres_bin
 
 from deepseek.cli import main
 from deepseek.serve.billing import AuthError, Billing, Tier, hash_key
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed: run scripts/ci_services.sh")
-    with Postgres() as pg:
-        yield pg.url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -15,7 +15,7 @@ import helpers
 import httpx
 import pytest
 import sqlalchemy as sa
-from serve_support import LiveServer, Postgres, free_port, make_model_dir, postgres_bin
+from serve_support import LiveServer, free_port, make_model_dir
 from transformers import AutoTokenizer
 
 from deepseek.chat import chat_prompt_ids
@@ -186,14 +186,6 @@ def test_every_row_is_readable_right_after_its_response(make_stack):
 
 
 # ---------------------------------------------------------------- two replicas on one PostgreSQL
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed: run scripts/ci_services.sh")
-    with Postgres() as pg:
-        yield pg.url
 
 
 def start_serve(model, db_url, port, log_path, *extra):
