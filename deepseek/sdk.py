@@ -37,13 +37,13 @@ class R1Model(R1ForCausalLM):
     def generate(self, inputs=None, generation_config=None, streamer=None, **kwargs):
         """transformers' `generate` signature; returns the (B, T + n) sequences (finished rows padded)."""
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        reason = self.loop_unsupported(input_ids, generation_config, kwargs)
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        reason = self.loop_unsupported(input_ids, config, kwargs)
         if reason is not None:
             if not getattr(self, "_noted_fallback", False):
                 logger.warning("R1Model.generate: %s; using transformers' GenerationMixin (slower)", reason)
                 self._noted_fallback = True
             return super().generate(input_ids, generation_config=generation_config, streamer=streamer, **kwargs)
-        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         T = input_ids.shape[1]
         max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - T
         if max_new <= 0:
@@ -68,14 +68,13 @@ class R1Model(R1ForCausalLM):
             streamer.end()
         return out.sequences
 
-    def loop_unsupported(self, input_ids, generation_config, kwargs) -> str | None:
-        """Why this call cannot run on the generation loop (None if it can)."""
+    def loop_unsupported(self, input_ids, config, kwargs) -> str | None:
+        """Why this call cannot run on the generation loop (None if it can). config: the resolved one."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             return "input_ids must be a (batch, tokens) tensor for the fast path"
         other = set(kwargs) - LOOP_SETTINGS - LOOP_INPUTS
         if other:
             return f"arguments {sorted(other)} are not supported by the generation loop"
-        config, _ = self._prepare_generation_config(generation_config, **kwargs)
         defaults = config._get_default_generation_params()
         changed = [k for k, v in defaults.items() if k not in LOOP_SETTINGS and getattr(config, k, v) != v]
         if changed:
