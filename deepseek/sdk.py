@@ -4,6 +4,16 @@
     model = R1Model.from_pretrained("deepseek/r1-base")
     model.finetune(dataset="custom_data", epochs=5)
     out = model.generate(ids_BT, attention_mask=mask_BT, max_new_tokens=64)   # transformers-style call
+    reply = model.chat([{"role": "user", "content": "What is 48 + 27?"}])    # reply.answer, reply.reasoning
+
+A checkpoint whose config has a "multimodal" section also takes images, audio and 3D points (encoders and
+projectors in deepseek/multimodal/, weights in multimodal.safetensors next to the LM's):
+
+    processor = model.processor()                       # or R1Processor.from_pretrained(folder)
+    out = model.generate(**processor(text="<image> Which digit is this?", images=["seven.png"]), max_new_tokens=64)
+    reply = model.chat([{"role": "user", "content": [{"type": "image", "image": "seven.png"},
+                                                     {"type": "text", "text": "Which digit is this?"}]}])
+    vectors = model.embed(text=["the digit seven"], images=["seven.png"])   # shared-space unit vectors
 
 `generate` takes transformers' arguments and the model's generation_config.json defaults, and runs them on
 our generation loop (static latent cache, absorbed MLA decode; deepseek/generation/loop.py). Greedy tokens
@@ -24,10 +34,91 @@ logger = logging.getLogger(__name__)
 # generation settings the loop implements; any other that differs from transformers' default goes to GenerationMixin
 LOOP_SETTINGS = {"max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
                  "pad_token_id", "bos_token_id", "use_cache", "decoder_start_token_id"}  # fmt: skip
-LOOP_INPUTS = {"attention_mask", "use_cache"}
+LOOP_INPUTS = {"attention_mask", "use_cache", "media"}
 
 
 class R1Model(R1ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.multimodal = None  # MultimodalAdapter when the config has a "multimodal" section
+        if config.multimodal:
+            from .multimodal.lm import MultimodalAdapter
+
+            self.multimodal = MultimodalAdapter(config.multimodal, config.hidden_size)
+
+    # ------------------------------------------------------------------ multimodal inputs
+    def media_embeds(self, input_ids: torch.Tensor, media: dict | None) -> torch.Tensor:
+        """(B, T, D) input embeddings with `media` ({"image": [...], "audio": [...], "points": [...]}, items raw
+        or decoded) spliced at the placeholder tokens. ValueError for a text model, bad media, or placeholders
+        that do not match the items."""
+        if self.multimodal is None:
+            raise ValueError("this checkpoint is a text model (no multimodal encoders in its config.json): "
+                             "it takes no images, audio or points")  # fmt: skip
+        decoded = self.multimodal.decode(media)
+        return self.multimodal.splice(self.model.embed_tokens(input_ids), input_ids, decoded)
+
+    def forward(self, input_ids=None, *args, media=None, **kwargs):
+        if media:
+            if input_ids is None:
+                raise ValueError("media needs input_ids holding the placeholder tokens")
+            kwargs["inputs_embeds"] = self.media_embeds(input_ids, media)
+            input_ids = None
+        return super().forward(input_ids, *args, **kwargs)
+
+    def processor(self, tokenizer=None):
+        """The processor (text + media -> model inputs) for this model, with its tokenizer."""
+        from .multimodal.processor import R1Processor
+
+        return R1Processor(tokenizer if tokenizer is not None else self.tokenizer(), self.config.multimodal)
+
+    def tokenizer(self):
+        """The tokenizer saved next to the weights (cached)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config._name_or_path)
+        return self._tokenizer
+
+    def embed(self, **inputs) -> dict[str, torch.Tensor]:
+        """Shared-space unit vectors: embed(text=[...], images=[...], audio=[...], points=[...]) -> {modality: (n, C)}."""
+        if self.multimodal is None:
+            raise ValueError("this checkpoint is a text model: it has no shared-space encoders to embed with")
+        with torch.inference_mode():
+            return self.multimodal.embed(**inputs)
+
+    def chat(self, messages, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_p: float | None = None, seed: int | None = None, tokenizer=None):  # fmt: skip
+        """One assistant turn for `messages` (a string, or OpenAI-style messages whose content may hold parts
+        {"type": "text" | "image" | "audio" | "points", ...}). Returns deepseek.chat.Reply (reasoning, answer).
+        Unset sampling settings come from the model's generation_config.json."""
+        import time
+
+        from .chat import Reply, split_reasoning
+        from .generation.defaults import sampling_defaults
+        from .generation.loop import generate
+
+        d = sampling_defaults(self)
+        tok = tokenizer if tokenizer is not None else self.tokenizer()
+        inputs = self.processor(tok)(messages=messages) if self.multimodal else None
+        if inputs is None:
+            from .chat import chat_prompt_ids
+            from .multimodal.processor import text_only
+
+            ids = torch.tensor([chat_prompt_ids(tok, text_only(messages))])
+            embeds = None
+        else:
+            ids = inputs["input_ids"]
+            embeds = self.media_embeds(ids, inputs["media"]) if any(inputs["media"].values()) else None
+        t0 = time.perf_counter()
+        out = generate(self, ids, max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                       temperature=d.temperature if temperature is None else temperature,
+                       top_p=d.top_p if top_p is None else top_p, eos_token_id=tok.eos_token_id, seed=seed,
+                       inputs_embeds=embeds)  # fmt: skip
+        tokens = [t for t in out.new_tokens[0] if t != tok.eos_token_id]
+        reasoning, answer = split_reasoning(tok.decode(tokens, skip_special_tokens=True))
+        seconds = time.perf_counter() - t0
+        return Reply(reasoning, (answer or "").strip(), len(tokens), False, len(tokens) / max(seconds, 1e-9))
+
     def finetune(self, dataset, epochs: int = 1, **kwargs) -> dict:
         """LoRA (default) or full fine-tuning on a path / dataset name / datasets.Dataset; see deepseek.train.finetune."""
         from .train.finetune import finetune
@@ -61,9 +152,12 @@ class R1Model(R1ForCausalLM):
 
         from .generation.loop import generate
 
+        media = model_kwargs.get("media") or kwargs.get("media")
+        embeds = self.media_embeds(input_ids, media) if media else None
         out = generate(self, input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new,
                        temperature=config.temperature if config.do_sample else 0.0, top_p=config.top_p,
-                       top_k=config.top_k or 0, eos_token_id=eos_list, pad_token_id=pad, on_token=on_token)  # fmt: skip
+                       top_k=config.top_k or 0, eos_token_id=eos_list, pad_token_id=pad, on_token=on_token,
+                       inputs_embeds=embeds)  # fmt: skip
         if streamer is not None:
             streamer.end()
         return out.sequences

@@ -20,7 +20,14 @@ from safetensors.torch import save_file
 
 from .. import register_auto_classes
 from ..model.config import R1Config
-from .keys import SCALE_SUFFIX, checkpoint_to_module, is_mtp_key, module_to_checkpoint
+from .keys import (
+    MULTIMODAL_FILE,
+    SCALE_SUFFIX,
+    checkpoint_to_module,
+    is_mtp_key,
+    is_multimodal_key,
+    module_to_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
@@ -96,7 +103,7 @@ def checkpoint_files(path: Path) -> list[Path]:
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists files that are not there: {', '.join(missing)}")
-        return files
+        return files + [path / MULTIMODAL_FILE] * (path / MULTIMODAL_FILE).is_file()
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {path} (only safetensors checkpoints are supported)")
@@ -139,14 +146,22 @@ def load_pretrained(cls, name_or_path, config: R1Config | None = None, dtype=Non
             from ..model.rope import rope_frequencies
 
             module.inv_freq = rope_frequencies(config.rope_parameters, config.qk_rope_head_dim)[0].to(device)
+    adapter = getattr(model, "multimodal", None)  # R1Model's multimodal component (None for a text model)
+    if adapter is not None:  # rebuilt off the meta device (its mel filterbank and positions are computed, not
+        # stored) and kept in fp32 whatever the LM's dtype (1M parameters; STFTs want fp32)
+        model.multimodal = type(adapter)(adapter.config, config.hidden_size).to(device)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     filled: dict[str, torch.Tensor] = {}  # name -> bool mask of filled (expert, part) slots or scalar
     unexpected = []
+    skipped_media = False
     for key, file in key_file.items():
         if key.endswith(SCALE_SUFFIX):
             continue
         if is_mtp_key(key, config.num_hidden_layers) and not config.build_mtp:
+            continue
+        if is_multimodal_key(key) and key not in params:  # a text-only class reading a multimodal checkpoint
+            skipped_media = True
             continue
         target = checkpoint_to_module(key, config.num_hidden_layers)
         if target.name not in params:
@@ -162,10 +177,16 @@ def load_pretrained(cls, name_or_path, config: R1Config | None = None, dtype=Non
     if unexpected:
         raise ValueError(f"unexpected keys in {path}: {', '.join(sorted(unexpected)[:8])}"
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))  # fmt: skip
+    if skipped_media:
+        log.info("%s: multimodal weights not loaded (%s is a text model class; use deepseek.R1Model)", path,
+                 cls.__name__)
+    if config.multimodal and not any(is_multimodal_key(k) for k in key_file):
+        raise ValueError(f"{path}/config.json has a 'multimodal' section but there is no {MULTIMODAL_FILE}")
     if config.tie_word_embeddings and "lm_head.weight" not in filled:
         filled["lm_head.weight"] = torch.tensor(True)
         model.lm_head.weight = model.model.embed_tokens.weight
-    persistent_buffers = {n for n, _ in model.named_buffers() if not n.endswith("inv_freq")}
+    saved = set(model.state_dict())
+    persistent_buffers = {n for n, _ in model.named_buffers() if not n.endswith("inv_freq") and n in saved}
     missing = [n for n in list(dict(model.named_parameters())) + sorted(persistent_buffers)
                if n not in filled or not bool(filled[n].all())]  # fmt: skip
     if missing:
@@ -250,6 +271,8 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB", st
     out_dir = Path(save_directory)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = state_dict if state_dict is not None else checkpoint_state_dict(model)
+    media = {k: tensors[k] for k in tensors if is_multimodal_key(k)}  # encoders + projectors: their own file
+    tensors = {k: v for k, v in tensors.items() if not is_multimodal_key(k)}
     limit = _parse_size(max_shard_size)
     shards: list[dict] = [{}]
     size = 0
@@ -260,9 +283,11 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB", st
             size = 0
         shards[-1][key] = tensors[key]
         size += nbytes
-    for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / INDEX_FILE]:
+    for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / INDEX_FILE, out_dir / MULTIMODAL_FILE]:
         stale.unlink(missing_ok=True)
     meta = {"format": "pt"}
+    if media:
+        _atomic_write(out_dir / MULTIMODAL_FILE, lambda p: save_file(media, p, metadata=meta))
     if len(shards) == 1:
         _atomic_write(out_dir / "model.safetensors", lambda p: save_file(shards[0], p, metadata=meta))
     else:

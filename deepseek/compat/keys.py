@@ -5,6 +5,11 @@ Our modules keep the routed experts stacked (`mlp.experts.gate_up_proj` (E, 2I, 
 (`mlp.experts.{e}.{gate,up,down}_proj.weight`), which DeepSeek's release, transformers' save_pretrained,
 vLLM and SGLang all use. The MTP module `mtp.{d}.*` is stored as `model.layers.{num_hidden_layers + d}.*`.
 FP8 checkpoints add `{weight}_scale_inv` next to each quantised weight.
+
+A multimodal checkpoint keeps its encoders and projectors in their own file, `multimodal.safetensors`, under
+the module names unchanged: `multimodal.binding.encoders.{text,image,audio,points}.*`,
+`multimodal.binding.log_scale`, `multimodal.projectors.{image,audio,points}.{slot,fc1.*,fc2.*}`. Tools that
+know only DeepSeek-V3 read `model.safetensors` and never see them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<part>ga
 LAYER_KEY = re.compile(r"^model\.layers\.(?P<i>\d+)\.(?P<rest>.*)$")
 MTP_OWN = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
 SCALE_SUFFIX = "_scale_inv"
+MULTIMODAL_PREFIX = "multimodal."
+MULTIMODAL_FILE = "multimodal.safetensors"
+
+
+def is_multimodal_key(key: str) -> bool:
+    return key.startswith(MULTIMODAL_PREFIX)
 
 
 @dataclass(frozen=True)

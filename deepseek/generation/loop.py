@@ -52,9 +52,13 @@ class GenerateOutput:
         return self.decode_seconds / steps
 
 
-def prefill(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-    """Run the prompt through the model, filling the cache. Returns last-position logits (B, V)."""
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+def prefill(model, input_ids, attention_mask, position_ids, cache, inputs_embeds=None) -> torch.Tensor:
+    """Run the prompt through the model, filling the cache. Returns last-position logits (B, V).
+    inputs_embeds (B, T, D): the prompt's embeddings instead of the ids' (media spliced in: deepseek/multimodal)."""
+    if inputs_embeds is not None:
+        input_ids = None
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                      inputs_embeds=inputs_embeds)  # fmt: skip
     return model.lm_head(out.last_hidden_state[:, -1])
 
 
@@ -86,12 +90,15 @@ def generate(
     prefill_chunk: int | None = None,
     pad_token_id: int | None = None,
     progress: bool = False,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> GenerateOutput:
     """Generate up to max_new_tokens per row. `on_token(step, tokens_B)` is called after every step (for
     streaming); returning True stops generation (e.g. Ctrl-C or a disconnected client).
     cache: the latent cache to fill (default: a static LatentCache for T + max_new_tokens positions).
     prefill_chunk: feed the prompt that many tokens at a time (bounded memory; the compressed cache).
-    pad_token_id: what a finished row holds in `sequences` after its stop token (default: the first eos)."""
+    pad_token_id: what a finished row holds in `sequences` after its stop token (default: the first eos).
+    inputs_embeds: (B, T, D) embeddings of `input_ids` to prefill with instead (media spliced at placeholders);
+    `input_ids` still gives the returned sequences."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -104,6 +111,9 @@ def generate(
     padded = attention_mask is not None and not bool(attention_mask.all())
     if padded and prefill_chunk is not None:
         raise ValueError("chunked prefill takes rows of equal length (no left padding)")
+    if inputs_embeds is not None and (inputs_embeds.shape[:2] != input_ids.shape or prefill_chunk is not None):
+        raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} must be (batch, tokens, hidden) for input_ids "
+                         f"{tuple(input_ids.shape)}, without prefill_chunk")  # fmt: skip
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -120,7 +130,7 @@ def generate(
     if prefill_chunk is not None:
         logits = chunked_prefill(model, input_ids, cache, prefill_chunk, progress)
     else:
-        logits = prefill(model, input_ids, attention_mask if padded else None, position_ids, cache)
+        logits = prefill(model, input_ids, attention_mask if padded else None, position_ids, cache, inputs_embeds)
     t1 = time.perf_counter()
     new_tokens: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B

@@ -203,6 +203,7 @@ class R1Config(PretrainedConfig):
         routing: RoutingConfig | dict | None = None,
         compression: CompressionConfig | dict | None = None,
         prefill_chunk: int = 1024,
+        multimodal: dict | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -245,6 +246,8 @@ class R1Config(PretrainedConfig):
             self.routing.k_max = num_experts_per_tok
         self.compression = _sub_config(CompressionConfig, compression, FLAT_COMPRESSION, kwargs)
         self.prefill_chunk = prefill_chunk  # tokens per chunk in chunked prefill
+        # the multimodal component's settings (deepseek/multimodal/lm.py, built by the SDK's R1Model); None: text only
+        self.multimodal = dict(multimodal) if multimodal else None
         # build the MTP modules (False: a checkpoint without them); read from the earlier key `use_mtp`, which
         # transformers' GenerationConfig now takes for MTP speculative decoding, so it is never written
         self.build_mtp = kwargs.pop("build_mtp", kwargs.pop("use_mtp", True))

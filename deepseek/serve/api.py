@@ -34,9 +34,11 @@ from .protocol import (
     BodyLimit,
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     ServeSettings,
     drop_422,
     error_responses,
+    surrogate_error,
 )
 from .responses import chat_chunk, chat_response, completion_response, openai_reason, sse, usage_body
 from .sequence import Output, SamplingParams
@@ -115,8 +117,10 @@ class Server:
                               prompt_logprobs=prompt_logprobs, parse_reasoning=parse_reasoning,
                               timeout_s=self.request_timeout_s)  # fmt: skip
 
-    def start(self, record: RequestRecord, prompts: list[list[int]], params: list[SamplingParams]):
-        """Submit every sequence; returns (asyncio queue of (index, Output), sequences)."""
+    def start(self, record: RequestRecord, prompts: list[list[int]], params: list[SamplingParams],
+              media: dict | None = None):  # fmt: skip
+        """Submit every sequence (each with the same decoded `media`, if any); returns (asyncio queue of
+        (index, Output), sequences)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         seqs = record.seqs  # the record reads token counts from them (checkpoints) and stops them (revocation)
@@ -131,7 +135,8 @@ class Server:
 
         for i, (ids, p) in enumerate(zip(prompts, params)):
             try:
-                seqs.append(self.engine.submit(ids, p, listener_for(i), request_id=f"{record.request_id}-{i}"))
+                seqs.append(self.engine.submit(ids, p, listener_for(i), request_id=f"{record.request_id}-{i}",
+                                               media=media))  # fmt: skip
             except (QueueFull, ValueError) as exc:
                 for s in seqs:
                     self.engine.cancel(s)
@@ -250,12 +255,16 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             # assistant turns do not count: templates may drop them in part (R1 drops earlier reasoning)
             _check_prompt_size(engine, sum(len(m["content"]) for m in messages if m["role"] != "assistant"),
                                "messages")  # fmt: skip
-            ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)  # off the event loop
+            media = None
+            if any(m.has_media() for m in req.messages) or getattr(engine.model, "multimodal", None) is not None:
+                ids, media = await asyncio.to_thread(_media_prompt, engine, req.messages)  # decoded, checked
+            else:
+                ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)  # off the event loop
             max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
             params = server.params(req, max_tokens, len(ids), logprobs=0 if req.logprobs else None)
             params_n = [_seeded(params, req.seed, i) for i in range(req.n)]
             await server.admit(record, len(ids), len(ids) + req.n * max_tokens)
-            q, seqs = server.start(record, [ids] * req.n, params_n)
+            q, seqs = server.start(record, [ids] * req.n, params_n, media)
         except APIError:
             record.pending = 0
             record.finish("rejected")
@@ -274,6 +283,17 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         await record.wait_written()  # the usage row is committed before the response is sent
         _raise_failure(outs, record)
         return chat_response(rid, created, req.model, outs, record.totals())
+
+    @app.post("/v1/embeddings", responses=error_responses(400, 401, 404, 413, 429))
+    async def embeddings(req: EmbeddingRequest, who: Caller = Depends(caller)):
+        """Shared-space vectors (deepseek/multimodal) for texts, images, audio and point clouds; the vectors of
+        one concept in different modalities are close. Counted in usage as prompt tokens, not billed."""
+        server.check_model(req.model)
+        items = [req.input] if isinstance(req.input, str) else list(req.input)
+        vectors, tokens = await asyncio.to_thread(_embed_items, engine, items)
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": req.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
 
     @app.post("/v1/completions", responses=error_responses(400, 401, 404, 413, 429, 503, 504))
     async def completions(req: CompletionRequest, request: Request, who: Caller = Depends(caller)):
@@ -324,6 +344,72 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
                                    req.logprobs, record.totals())  # fmt: skip
 
     return app
+
+
+def _media_prompt(engine: Engine, messages) -> tuple[list[int], dict]:
+    """Prompt ids (K placeholder ids per media item) and the decoded media of a chat request; 400 naming the
+    problem for a text model, undecodable or unsupported media, or placeholders that do not match the media."""
+    import torch
+
+    from ..multimodal.lm import check_placeholders
+    from ..multimodal.processor import R1Processor, flatten_messages
+
+    adapter = getattr(engine.model, "multimodal", None)
+    if adapter is None:
+        raise APIError(400, f"messages: model {engine.model_name!r} is a text model; image_url, input_audio and "
+                       "input_points content parts need a multimodal model", "unsupported_content", "messages")  # fmt: skip
+    try:
+        flat, media = flatten_messages([{"role": "system" if m.role == "developer" else m.role,
+                                         "content": m.content_parts()} for m in messages])  # fmt: skip
+        processor = R1Processor(engine.tokenizer, adapter.config)
+        ids = processor.expand(chat_prompt_ids(engine.tokenizer, flat))
+        media = {k: v for k, v in media.items() if v}
+        check_placeholders(adapter.config, torch.tensor(ids), media)
+        return ids, adapter.decode(media)
+    except ValueError as exc:
+        raise APIError(400, f"messages: {exc}", "invalid_media", "messages") from None
+
+
+def _embed_items(engine: Engine, items: list) -> tuple[list[list[float]], int]:
+    """Unit vectors in the input order and the token count (text tokens; K per media item)."""
+    from ..multimodal.processor import part_media
+
+    adapter = getattr(engine.model, "multimodal", None)
+    if adapter is None:
+        raise APIError(400, f"model {engine.model_name!r} is a text model: it has no shared-space encoders",
+                       "unsupported_model", "model")  # fmt: skip
+    groups: dict[str, list[tuple[int, object]]] = {}
+    tokens = 0
+    for i, item in enumerate(items):
+        param = f"input[{i}]"
+        if isinstance(item, str):
+            if (error := surrogate_error(param, item)) is not None:
+                raise error
+            if not item:
+                raise APIError(400, f"{param}: empty text", "invalid_value", param)
+            groups.setdefault("text", []).append((i, item))
+            tokens += len(engine.tokenizer.encode(item, add_special_tokens=False))
+            continue
+        try:
+            found = part_media(item.model_dump(exclude_none=True))
+        except ValueError as exc:
+            raise APIError(400, f"{param}: {exc}", "invalid_media", param) from None
+        if found is None:  # a text part
+            groups.setdefault("text", []).append((i, item.text))
+            tokens += len(engine.tokenizer.encode(item.text, add_special_tokens=False))
+            continue
+        groups.setdefault(found[0], []).append((i, found[1]))
+        tokens += adapter.config.tokens_per_item
+    out: list = [None] * len(items)
+    keys = {"text": "text", "image": "images", "audio": "audio", "points": "points"}
+    for modality, entries in groups.items():
+        try:
+            vecs = engine.model.embed(**{keys[modality]: [x for _, x in entries]})[modality]
+        except ValueError as exc:
+            raise APIError(400, f"input: {exc}", "invalid_media", "input") from None
+        for (i, _), v in zip(entries, vecs.tolist()):
+            out[i] = v
+    return out, tokens
 
 
 def _seeded(p: SamplingParams, seed: int | None, i: int) -> SamplingParams:

@@ -84,11 +84,21 @@ class Engine:
 
     # ------------------------------------------------------------------ submitting
     def submit(self, prompt_ids: list[int], params: SamplingParams, listener: Callable[[Output], None],
-               request_id: str | None = None) -> Sequence:  # fmt: skip
+               request_id: str | None = None, media: dict | None = None) -> Sequence:  # fmt: skip
         """Queue a request; listener(Output) is called for each delta and once with finish_reason set.
+        media: decoded items ({"image": [...], ...}, deepseek/multimodal/media.py) for the prompt's placeholders
+        (K ids per item); they are projected at prefill and live in the cache like tokens after that.
         Raises ValueError (bad request) or QueueFull (too many waiting) before any work is done."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        media = {m: list(items) for m, items in (media or {}).items() if items}
+        adapter = getattr(self.model, "multimodal", None)  # R1Model's multimodal component, if any
+        if media and adapter is None:
+            raise ValueError(f"model {self.model_name} is a text model: it takes no images, audio or points")
+        if adapter is not None:  # placeholder ids must match the media (none without media)
+            from ..multimodal.lm import check_placeholders
+
+            check_placeholders(adapter.config, torch.tensor(prompt_ids), media)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context length ({self.max_model_len})")  # fmt: skip
@@ -101,6 +111,7 @@ class Engine:
         starts_thinking = tail.rstrip().endswith(THINK_OPEN)  # R1 chat templates open the answer with <think>
         stream = TextStream(self.tokenizer, params.stop, starts_thinking, self.skip_ids, params.parse_reasoning)
         seq = Sequence(prompt_ids, params, stream, request_id)
+        seq.media = media or None
         seq.listeners.append(listener)
         self.scheduler.add(seq)  # QueueFull beyond max_waiting
         self._wake.set()

@@ -145,15 +145,61 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    """{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} (PNG / JPEG data URLs)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class MediaData(BaseModel):
+    data: str  # base64 of the file
+    format: str
+
+
+class AudioPart(BaseModel):
+    """{"type": "input_audio", "input_audio": {"data": "<base64 wav>", "format": "wav"}}."""
+
+    type: Literal["input_audio"]
+    input_audio: MediaData
+
+
+class PointsPart(BaseModel):
+    """{"type": "input_points", "input_points": {"data": "<base64 .npy / .ply / .xyz>", "format": "npy"}}."""
+
+    type: Literal["input_points"]
+    input_points: MediaData
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart | PointsPart, Field(discriminator="type")]
+MAX_PARTS = 64  # content parts per message
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
 
     def text(self) -> str:
+        """The text parts joined (media parts are not text; see has_media / content_parts)."""
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))  # fmt: skip
+
+    def has_media(self) -> bool:
+        return isinstance(self.content, list) and any(not isinstance(p, TextPart) for p in self.content)
+
+    def content_parts(self) -> str | list[dict]:
+        """The content as the processor takes it (deepseek/multimodal/processor.py: flatten_messages)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        return [p.model_dump(exclude_none=True) for p in self.content]
 
 
 class StreamOptions(BaseModel):
@@ -229,3 +275,16 @@ class CompletionRequest(SamplingFields):
     def texts(self) -> list[tuple[str, str | None]]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         return super().texts() + [(f"prompt[{i}]", p) for i, p in enumerate(prompts) if isinstance(p, str)]
+
+
+MAX_EMBED_INPUTS = 256
+
+
+class EmbeddingRequest(BaseModel):
+    """/v1/embeddings: texts and media parts (the chat content-part shapes) -> shared-space unit vectors."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | Annotated[list[str | ContentPart], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    encoding_format: Literal["float"] = "float"
+    user: str | None = None

@@ -31,7 +31,11 @@ class ModelRunner:
         view = self.cache.prefill_view(seq.slot)
         ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
         pos_1T = torch.arange(ids_1T.shape[1], device=self.device)[None]
-        h_1TD = self.model.model(input_ids=ids_1T, position_ids=pos_1T, cache=view).last_hidden_state
+        if seq.media:  # media projected into the placeholder positions; cached like tokens from here on
+            embeds = self.model.media_embeds(ids_1T, seq.media)
+            h_1TD = self.model.model(inputs_embeds=embeds, position_ids=pos_1T, cache=view).last_hidden_state
+        else:
+            h_1TD = self.model.model(input_ids=ids_1T, position_ids=pos_1T, cache=view).last_hidden_state
         k = seq.params.prompt_logprobs
         if k is not None:
             logits_TV = self.model.lm_head(h_1TD[0])

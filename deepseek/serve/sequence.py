@@ -163,6 +163,7 @@ class Sequence:
         self.new_logprobs = None  # (logprob, {id: logprob}) of the token just sampled, when asked for
         self.prompt_logprobs = None  # set by prefill when params.prompt_logprobs is not None
         self.prompt_logprobs_sent = False
+        self.media: dict | None = None  # decoded media for the prompt's placeholders (projected at prefill)
 
     @property
     def num_tokens(self) -> int:

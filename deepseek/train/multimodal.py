@@ -1,0 +1,296 @@
+"""The multimodal stage of the recipe: bound encoders + projectors + LoRA SFT on top of the bundled r1-tiny.
+
+    deepseek recipe multimodal --out runs/r1-tiny-mm [--bundle]     # ~10 min on 2 CPU cores
+    from deepseek.train.multimodal import MultimodalRecipe, train_multimodal
+    record = train_multimodal(MultimodalRecipe(steps=600))
+
+Stages: (1) the binding (deepseek/multimodal/, `benchmarks/multimodal.py` trains it; the stage starts from its
+bundled weights, frozen here); (2) projector + LoRA SFT on multimodal chat data, "<image>\\nWhich digit is
+this?" -> "<think>\\nThe handwriting shows a seven.\\n</think>\\n\\n7", mixed with replayed arithmetic SFT traces
+(the recipe's own sft3 examples, so no new prompts) so that r1-tiny keeps its arithmetic; LoRA is merged at
+the end, so the result is a plain checkpoint: LM + multimodal.safetensors.
+
+Shapes: n items, N encoder tokens, C shared width, K LM tokens per item, B rows, T tokens, D LM hidden.
+The encoders are frozen, so their outputs for the training media are computed once (features) and the
+projector trains on them; span tokens are dropped (zeroed) at random so the answer leans on the pooled
+shared-space vector, which is what transfers across writers, voices and fonts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..model.transformer import IGNORE
+from ..multimodal.lm import PLACEHOLDERS
+
+QUESTIONS = {
+    "train": {
+        "image": ("Which digit is this?", "What number is written here?", "Read the handwritten digit.",
+                  "What digit does the picture show?", "Which number is in the image?"),
+        "audio": ("Which digit is spoken?", "What number does the speaker say?", "Listen: which digit is it?",
+                  "What digit is in this recording?", "Which number do you hear?"),
+        "points": ("Which digit is this 3D shape?", "What number does this point cloud show?",
+                   "Name the digit of this 3D model.", "What digit is this object?", "Which number is this shape?"),
+    },
+    "test": {
+        "image": ("What is the digit in this image?", "Tell me which number this handwriting shows."),
+        "audio": ("Which digit does this clip say?", "Tell me the number spoken here."),
+        "points": ("Which digit do these 3D points form?", "Tell me the number this 3D scan shows."),
+    },
+}  # fmt: skip
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+REASONING = {"image": "The handwriting shows a {w}.", "audio": "The speaker says {w}.",
+             "points": "The points form the digit {w}."}  # fmt: skip
+
+
+@dataclass
+class MultimodalRecipe:
+    base: str = "deepseek/r1-tiny"  # the text model to extend
+    binding: str = "deepseek/bundled/multimodal-bind"  # trained encoders (benchmarks/multimodal.py)
+    out_dir: str = "runs/r1-tiny-mm"
+    tokens_per_item: int = 8
+    steps: int = 400
+    media_batch: int = 24  # multimodal rows per step
+    replay_batch: int = 4  # arithmetic SFT rows per step (keeps r1-tiny's arithmetic)
+    lr: float = 1e-3
+    warmup: int = 30
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    span_dropout: float = 0.5  # chance that an item's span tokens are zeroed (the pooled slot is kept)
+    points_per_glyph: int = 20
+    points_per_cloud: int = 1024
+    seed: int = 0
+    eval_items: int = 300  # held-out items per modality for the LM-answer evaluation
+    threads: int | None = None
+    modalities: tuple = ("image", "audio", "points")
+    replay_mix: dict = field(default_factory=dict)  # {} = the r1-tiny recipe's sft3 mix
+
+    def __post_init__(self):
+        for name in ("tokens_per_item", "steps", "media_batch", "eval_items"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"MultimodalRecipe.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.span_dropout < 1:
+            raise ValueError(f"MultimodalRecipe.span_dropout must be in [0, 1), got {self.span_dropout}")
+        self.modalities = tuple(self.modalities)
+
+
+# ---------------------------------------------------------------------------- data
+def media_items(split: str, recipe: MultimodalRecipe, modality: str) -> tuple[list, list[int]]:
+    """(items, digits) of a split: images / wav paths / point clouds (deepseek/multimodal/data.py)."""
+    from ..multimodal import data
+
+    if modality == "image":
+        X, y = data.images(split)
+        return list(X), y.tolist()
+    if modality == "audio":
+        clips = data.speech(split)
+        return [str(p) for p, _ in clips], [d for _, d in clips]
+    per_glyph = recipe.points_per_glyph if split == "train" else max(1, recipe.points_per_glyph // 2)
+    P, y, _ = data.clouds(split, per_glyph, recipe.points_per_cloud, seed=recipe.seed + (0 if split == "train" else 1))
+    return list(P), y.tolist()
+
+
+@dataclass
+class Features:
+    tokens: torch.Tensor  # (n, N, C)
+    mask: torch.Tensor  # (n, N)
+    pooled: torch.Tensor  # (n, C)
+    digits: list[int]
+
+
+@torch.inference_mode()
+def encode_all(binding, modality: str, items: list, digits: list[int], batch: int = 128) -> Features:
+    from ..multimodal.media import decode
+
+    outs = []
+    for i in range(0, len(items), batch):
+        chunk = [decode(modality, x, binding.cfg) for x in items[i : i + batch]]
+        outs.append(binding.encode(modality, chunk))
+    N = max(o.tokens.shape[1] for o in outs)
+    tokens = torch.cat([F.pad(o.tokens, (0, 0, 0, N - o.tokens.shape[1])) for o in outs])
+    mask = torch.cat([F.pad(o.mask, (0, N - o.mask.shape[1])) for o in outs])
+    return Features(tokens, mask, torch.cat([o.pooled for o in outs]), list(digits))
+
+
+def media_messages(modality: str, question: str, digit: int | None, media_first: bool = True) -> list[dict]:
+    """A one-turn chat about one media item; with `digit`, the assistant's gold reply too."""
+    ph = PLACEHOLDERS[modality]
+    user = f"{ph}\n{question}" if media_first else f"{question}\n{ph}"
+    messages = [{"role": "user", "content": user}]
+    if digit is not None:
+        messages.append({"role": "assistant", "content": str(digit),
+                         "reasoning_content": REASONING[modality].format(w=WORDS[digit])})  # fmt: skip
+    return messages
+
+
+def expand_row(ids: list[int], labels: list[int], placeholder_ids: set[int], K: int) -> tuple[list[int], list[int]]:
+    out_ids, out_labels = [], []
+    for i, lab in zip(ids, labels):
+        if i in placeholder_ids:
+            out_ids += [i] * K
+            out_labels += [IGNORE] * K
+        else:
+            out_ids.append(i)
+            out_labels.append(lab)
+    return out_ids, out_labels
+
+
+def replay_rows(recipe: MultimodalRecipe, tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
+    """Arithmetic SFT rows the r1-tiny recipe already trained on (its sft3 set): no new prompts."""
+    from .data import chat_ids_labels
+    from .recipe import recipe as named_recipe
+    from .recipe import task_examples
+
+    cfg = named_recipe("r1-tiny")
+    mix = recipe.replay_mix or cfg.sft3_mix
+    examples = task_examples(cfg, cfg.sft3_examples, cfg.sft3_seed + 2, mix)
+    random.Random(recipe.seed).shuffle(examples)
+    return [chat_ids_labels(ex["messages"], tokenizer) for ex in examples[:n]]
+
+
+def pad_right(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), labels (B, T)): right padding needs no attention mask in a causal model (pads come last)."""
+    T = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for b, (i, lab) in enumerate(rows):
+        ids[b, : len(i)] = torch.tensor(i)
+        labels[b, : len(lab)] = torch.tensor(lab)
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------- training
+def lora_model(model, rank: int, alpha: int):
+    """PEFT LoRA on the LM's attention and dense/shared-expert projections only (not the encoders/projectors)."""
+    from peft import LoraConfig, get_peft_model
+
+    target = (r"model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+              r"|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj))")  # fmt: skip
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target))
+
+
+def splice_features(model, ids_BT: torch.Tensor, feats: dict[str, tuple], span_dropout: float, g) -> torch.Tensor:
+    """Input embeddings with projected precomputed features at the placeholders. feats: modality ->
+    (tokens (n, N, C), mask (n, N), pooled (n, C)) in row order."""
+    adapter = model.multimodal
+    x_BTD = model.model.embed_tokens(ids_BT)
+    for modality, (tok, mask, pooled) in feats.items():
+        if span_dropout:
+            keep_n = (torch.rand(tok.shape[0], generator=g) >= span_dropout).to(tok.dtype)
+            tok = tok * keep_n[:, None, None]
+        proj = adapter.projectors[modality](tok, mask, pooled).to(x_BTD.dtype)
+        at_BT = ids_BT == adapter.config.placeholder_ids[modality]
+        x_BTD = x_BTD.masked_scatter(at_BT[..., None], proj.reshape(-1, x_BTD.shape[-1]))
+    return x_BTD
+
+
+def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..chat import chat_prompt_ids  # noqa: F401  (the prompts the evaluation uses)
+    from ..compat.checkpoint import resolve
+    from ..multimodal.binding import BindingModel
+    from ..multimodal.lm import attach
+    from ..sdk import R1Model
+    from .data import chat_ids_labels
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    t_start = time.perf_counter()
+    out_dir = Path(recipe.out_dir)
+    base = resolve(recipe.base)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = R1Model.from_pretrained(base)
+    binding = BindingModel.load(resolve_binding(recipe.binding))
+    attach(model, tok, binding, recipe.tokens_per_item, recipe.modalities)
+    adapter = model.multimodal
+    K = recipe.tokens_per_item
+    ph_ids = set(adapter.config.placeholder_ids.values())
+
+    t0 = time.perf_counter()
+    feats = {}
+    for m in recipe.modalities:
+        items, digits = media_items("train", recipe, m)
+        feats[m] = encode_all(adapter.binding, m, items, digits)
+        if progress:
+            print(f"[mm] encoded {len(items)} training {m} items in {time.perf_counter() - t0:.0f} s", flush=True)
+    seconds_features = time.perf_counter() - t0
+    replay = replay_rows(recipe, tok, recipe.steps * recipe.replay_batch) if recipe.replay_batch else []
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft = lora_model(model, recipe.lora_rank, recipe.lora_alpha) if recipe.lora_rank else None
+    for p in adapter.projectors.parameters():
+        p.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=0.0)
+    rng = random.Random(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    model.train()
+    adapter.binding.eval()
+    log, t0 = [], time.perf_counter()
+    for step in range(recipe.steps):
+        lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rows, picks = [], {m: [] for m in recipe.modalities}
+        for i in range(recipe.media_batch):
+            m = recipe.modalities[i % len(recipe.modalities)]
+            j = rng.randrange(len(feats[m].digits))
+            d = feats[m].digits[j]
+            msgs = media_messages(m, rng.choice(QUESTIONS["train"][m]), d, media_first=rng.random() < 0.7)
+            rows.append((m, j, *expand_row(*chat_ids_labels(msgs, tok), ph_ids, K)))
+        # masked_scatter fills placeholders in row order: sort the picks the same way
+        for m, j, _, _ in rows:
+            picks[m].append(j)
+        batch_rows = [(i, lab) for _, _, i, lab in rows]
+        batch_rows += replay[step * recipe.replay_batch : (step + 1) * recipe.replay_batch]
+        ids, labels = pad_right(batch_rows, pad)
+        f = {m: (feats[m].tokens[js], feats[m].mask[js], feats[m].pooled[js]) for m, js in picks.items() if js}
+        embeds = splice_features(model, ids, f, recipe.span_dropout, g)
+        loss = model(inputs_embeds=embeds, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        log.append(loss.item())
+        if progress and (step % 25 == 0 or step == recipe.steps - 1):
+            rate = (step + 1) / (time.perf_counter() - t0)
+            eta = (recipe.steps - step - 1) / rate
+            print(f"[mm] step {step + 1}/{recipe.steps} loss {sum(log[-25:]) / len(log[-25:]):.3f} "
+                  f"lr {lr:.2e} {rate:.2f} steps/s eta {eta:.0f} s", flush=True)  # fmt: skip
+    seconds_train = time.perf_counter() - t0
+    if peft is not None:
+        peft.merge_and_unload()
+    model.eval()
+    final = out_dir / "final"
+    model.save_pretrained(final)
+    tok.save_pretrained(str(final))
+    model.processor(tok).save_pretrained(final)
+    record = {"recipe": asdict(recipe), "loss_first": log[0], "loss_last25": sum(log[-25:]) / len(log[-25:]),
+              "seconds": {"features": round(seconds_features, 1), "train": round(seconds_train, 1),
+                          "total": round(time.perf_counter() - t_start, 1)},
+              "trainable_parameters": sum(p.numel() for p in trainable), "out": str(final)}  # fmt: skip
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def resolve_binding(name: str) -> Path:
+    from ..compat.checkpoint import BUNDLED_DIR
+
+    path = Path(name)
+    if path.is_dir():
+        return path
+    short = name.removeprefix("deepseek/bundled/").removeprefix("deepseek/")
+    if (BUNDLED_DIR / short / "config.json").is_file():
+        return BUNDLED_DIR / short
+    raise FileNotFoundError(f"binding weights {name!r} not found (a folder or a bundled name)")
