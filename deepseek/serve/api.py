@@ -291,6 +291,11 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         server.check_model(req.model)
         items = [req.input] if isinstance(req.input, str) else list(req.input)
         vectors, tokens = await asyncio.to_thread(_embed_items, engine, items)
+        if req.encoding_format == "base64":
+            import base64
+            import struct
+
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": req.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip

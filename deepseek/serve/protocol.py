@@ -178,12 +178,25 @@ class PointsPart(BaseModel):
 
 ContentPart = Annotated[TextPart | ImagePart | AudioPart | PointsPart, Field(discriminator="type")]
 MAX_PARTS = 64  # content parts per message
+PART_TYPES = ("text", "image_url", "input_audio", "input_points")
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_parts(cls, v):
+        """One clear message for an unknown part type (the union's own error would name its str member)."""
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in PART_TYPES:
+                    raise ValueError(f"content[{i}]: unknown content part type {kind!r}; expected one of "
+                                     f"{', '.join(PART_TYPES)}")  # fmt: skip
+        return v
 
     def text(self) -> str:
         """The text parts joined (media parts are not text; see has_media / content_parts)."""
@@ -286,5 +299,5 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     input: str | Annotated[list[str | ContentPart], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai client's default)
     user: str | None = None
