@@ -69,18 +69,30 @@ class ChatSession:
     def interrupt(self) -> None:
         self.stop_event.set()
 
-    def _messages(self, user: str) -> list[dict]:
+    def _messages(self, user) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history + [{"role": "user", "content": user}]
 
-    def send(self, user: str) -> Reply:
+    def send(self, user: str, media: list[tuple[str, object]] | None = None) -> Reply:
+        """One turn. media: [(modality, item)] ("image" | "audio" | "points", a path / bytes / array), put
+        before the text; they stay in the history (the model sees them again on later turns)."""
         import time
 
         import torch
 
         from .generation.loop import generate
 
-        ids = chat_prompt_ids(self.tok, self._messages(user))
+        content = [{"type": m, m: item} for m, item in media] + [{"type": "text", "text": user}] if media else user
+        messages = self._messages(content)
+        embeds = None
+        if any(isinstance(m["content"], list) for m in messages):  # media in this turn or an earlier one
+            if getattr(self.model, "multimodal", None) is None:
+                raise ValueError("this model is a text model: it takes no images, audio or points")
+            inputs = self.model.processor(self.tok)(messages=messages)
+            ids = inputs["input_ids"][0].tolist()
+            embeds = self.model.media_embeds(inputs["input_ids"], inputs["media"])
+        else:
+            ids = chat_prompt_ids(self.tok, messages)
         limit = self.model.config.max_position_embeddings
         if len(ids) + self.max_new_tokens > limit:
             raise ValueError(f"the conversation ({len(ids)} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds "
@@ -127,7 +139,7 @@ class ChatSession:
         try:
             generate(self.model, torch.tensor([ids]), max_new_tokens=self.max_new_tokens,
                      temperature=self.temperature, top_p=self.top_p, eos_token_id=self.tok.eos_token_id,
-                     seed=self.seed, on_token=on_token)  # fmt: skip
+                     seed=self.seed, on_token=on_token, inputs_embeds=embeds)  # fmt: skip
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -137,7 +149,8 @@ class ChatSession:
         write("\n" + ("[stopped]\n" if stopped else ""))
         reasoning, answer = split_reasoning(self.tok.decode(tokens, skip_special_tokens=True))
         if not stopped:  # R1 practice: the next turn sees the answer, not the reasoning
-            self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": (answer or "").strip()}]
+            self.history += [{"role": "user", "content": content},
+                             {"role": "assistant", "content": (answer or "").strip()}]  # fmt: skip
         return Reply(reasoning, (answer or "").strip(), len(tokens), stopped, len(tokens) / max(seconds, 1e-9))
 
 

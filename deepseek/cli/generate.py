@@ -5,12 +5,14 @@ from __future__ import annotations
 import sys
 import time
 
+from deepseek.loading import DEFAULT_MODEL
+
 from .sampling import add_sampling_arguments, check_sampling_arguments, resolve_sampling
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion for a prompt")
-    p.add_argument("--model", default="deepseek/r1-tiny", help="model folder or bundled name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or bundled name")
     p.add_argument("--prompt", required=True)
     add_sampling_arguments(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")

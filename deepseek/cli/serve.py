@@ -15,6 +15,8 @@ import os
 import signal
 import socket
 
+from deepseek.loading import DEFAULT_MODEL
+
 DEFAULT_DB = os.environ.get("DEEPSEEK_DB", "sqlite:///deepseek-serve.db")
 
 
@@ -29,7 +31,7 @@ def is_loopback(host: str) -> bool:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API server with continuous batching and a playground")
-    p.add_argument("--model", default="deepseek/r1-tiny", help="bundled name or model folder (with tokenizer)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name or model folder (with tokenizer)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default=DEFAULT_DB, help="usage/keys database URL (SQLite file or PostgreSQL)")
