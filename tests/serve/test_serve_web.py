@@ -75,3 +75,36 @@ def test_playground_streams_an_answer_with_reasoning_and_cost(tmp_path, browser)
             assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == "Hello world"
     finally:
         engine.close()
+
+
+def test_playground_attaches_an_image_and_shows_it(tmp_path, browser):
+    """A PNG attached in the page goes out as an image_url part, shows in the user bubble, and the answer's
+    prompt tokens include the image's placeholder tokens (the same request through the API gives the same)."""
+    from mm_support import make_mm_model_dir, png_bytes
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine = Engine.from_pretrained(str(make_mm_model_dir(tmp_path / "mm")), EngineConfig(max_running=2))
+    (tmp_path / "seven.png").write_bytes(png_bytes())
+    try:
+        with LiveServer(create_app(engine)) as live:
+            browser.get(live.url + "/")
+            wait = WebDriverWait(browser, 30)
+            wait.until(lambda b: b.find_element(By.ID, "model").get_attribute("value") == engine.model_name)
+            browser.find_element(By.ID, "max_tokens").clear()
+            browser.find_element(By.ID, "max_tokens").send_keys("3")
+            browser.find_element(By.ID, "attach").send_keys(str(tmp_path / "seven.png"))
+            browser.find_element(By.ID, "prompt").send_keys("Which digit?")
+            browser.find_element(By.ID, "send").click()
+            box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='1']"))
+            assert "Error" not in box.text, box.text
+            img = browser.find_element(By.CSS_SELECTOR, ".msg.user img.media")
+            assert img.get_attribute("src").startswith("data:image/png;base64,")
+            assert browser.execute_script("return document.querySelector('.msg.user img').naturalWidth") == 9
+            K = engine.model.multimodal.config.tokens_per_item
+            prompt_tokens = int(box.find_element(By.CLASS_NAME, "usage").text.split()[0])
+            text_only = len(engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Which digit?"}], add_generation_prompt=True))  # fmt: skip
+            assert prompt_tokens >= text_only + K
+    finally:
+        engine.close()
