@@ -68,8 +68,10 @@ class Int8Experts(nn.Module):
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """In place: nn.Linear -> Int8Linear, every Experts -> Int8Experts (routers stay fp32)."""
-    for module in list(model.modules()):
+    """In place: nn.Linear -> Int8Linear, every Experts -> Int8Experts (routers stay fp32), in the language
+    model (backbone, lm_head, MTP); other components (e.g. the SDK's multimodal encoders) stay as they are."""
+    model.lm_head = Int8Linear(model.lm_head)
+    for module in [m for part in (model.model, model.mtp) for m in part.modules()]:
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name != "kv_b_proj":  # absorbed MLA reads its weight
                 setattr(module, child_name, Int8Linear(child))

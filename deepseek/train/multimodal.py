@@ -280,8 +280,46 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
               "seconds": {"features": round(seconds_features, 1), "train": round(seconds_train, 1),
                           "total": round(time.perf_counter() - t_start, 1)},
               "trainable_parameters": sum(p.numel() for p in trainable), "out": str(final)}  # fmt: skip
+    if progress:
+        print("[mm] evaluating the LM's answers on held-out media", flush=True)
+    record["eval"] = evaluate_answers(model, tok, recipe)
     (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    (final / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def eval_subset(recipe: MultimodalRecipe, modality: str) -> tuple[list, list[int]]:
+    """The held-out items the stage reports on: a fixed random subset (seeded) of each test split."""
+    items, digits = media_items("test", recipe, modality)
+    idx = sorted(random.Random(1234).sample(range(len(items)), min(recipe.eval_items, len(items))))
+    return [items[i] for i in idx], [digits[i] for i in idx]
+
+
+def evaluate_answers(model, tokenizer, recipe: MultimodalRecipe) -> dict:
+    """Held-out LM answer accuracy per modality, next to the binding's zero-shot accuracy on the same items."""
+    from ..eval.multimodal import lm_answer_accuracy, zero_shot_accuracy
+
+    out = {}
+    for m in recipe.modalities:
+        items, digits = eval_subset(recipe, m)
+        lm = lm_answer_accuracy(model, tokenizer, m, items, digits)
+        zs = zero_shot_accuracy(model.multimodal.binding, m, items, digits)
+        out[m] = {"n": len(items), "lm_answer": lm["accuracy"], "zero_shot": zs, "examples": lm["examples"]}
+    out["mean_lm_answer"] = sum(out[m]["lm_answer"] for m in recipe.modalities) / len(recipe.modalities)
+    return out
+
+
+def bundle(record: dict, name: str = "r1-tiny-mm") -> Path:
+    """Copy the stage's result into deepseek/bundled/<name> (LM + multimodal.safetensors + tokenizer)."""
+    import shutil
+
+    from ..compat.checkpoint import BUNDLED_DIR
+
+    src, dst = Path(record["out"]), BUNDLED_DIR / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
 
 
 def resolve_binding(name: str) -> Path:
