@@ -69,6 +69,7 @@ class MultimodalRecipe:
     points_per_cloud: int = 1024
     seed: int = 0
     eval_items: int = 300  # held-out items per modality for the LM-answer evaluation
+    train_items: int | None = None  # cap on training items per modality (None: all; small for tests)
     threads: int | None = None
     modalities: tuple = ("image", "audio", "points")
     replay_mix: dict = field(default_factory=dict)  # {} = the r1-tiny recipe's sft3 mix
@@ -219,6 +220,9 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
     feats = {}
     for m in recipe.modalities:
         items, digits = media_items("train", recipe, m)
+        if recipe.train_items:
+            keep = sorted(random.Random(recipe.seed).sample(range(len(items)), min(recipe.train_items, len(items))))
+            items, digits = [items[i] for i in keep], [digits[i] for i in keep]
         feats[m] = encode_all(adapter.binding, m, items, digits)
         if progress:
             print(f"[mm] encoded {len(items)} training {m} items in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -1,0 +1,38 @@
+"""The multimodal recipe stage end to end on a few items: trains projectors + LoRA, merges, saves a checkpoint
+that loads as a multimodal R1Model with its processor, and reports the held-out evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from deepseek import R1Model
+from deepseek.multimodal.processor import R1Processor
+from deepseek.train.multimodal import QUESTIONS, MultimodalRecipe, train_multimodal
+
+
+def test_stage_trains_saves_and_evaluates(tmp_path):
+    recipe = MultimodalRecipe(out_dir=str(tmp_path / "run"), steps=4, warmup=1, media_batch=4, replay_batch=1,
+                              train_items=24, eval_items=6, points_per_glyph=1, points_per_cloud=256,
+                              modalities=("image", "points"))  # fmt: skip
+    record = train_multimodal(recipe, progress=False)
+    assert torch.isfinite(torch.tensor(record["loss_last25"])) and record["trainable_parameters"] > 0
+    final = tmp_path / "run" / "final"
+    model = R1Model.from_pretrained(final)
+    assert model.multimodal is not None and set(model.multimodal.projectors) == {"image", "points"}
+    proc = R1Processor.from_pretrained(final)
+    assert json.loads((final / "processor_config.json").read_text())["tokens_per_item"] == 8
+    ev = record["eval"]
+    assert ev["image"]["n"] == 6 and 0 <= ev["image"]["lm_answer"] <= 1 and 0 <= ev["points"]["zero_shot"] <= 1
+    # LoRA was merged: the saved LM differs from r1-tiny's, and has no LoRA keys
+    base = R1Model.from_pretrained("deepseek/r1-tiny")
+    ids = proc(text="What is 2 + 3?")["input_ids"]
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits)
+    assert not any("lora" in k for k in model.state_dict())
+
+
+def test_train_and_test_questions_are_disjoint():
+    for m in ("image", "audio", "points"):
+        assert not set(QUESTIONS["train"][m]) & set(QUESTIONS["test"][m])
