@@ -22,6 +22,7 @@ import torch
 
 from ..model.cache import LatentCache
 from ..model.longctx.prefill import chunked_prefill
+from .constrained import mask_logits
 from .sampling import sample
 
 
@@ -91,6 +92,7 @@ def generate(
     pad_token_id: int | None = None,
     progress: bool = False,
     inputs_embeds: torch.Tensor | None = None,
+    grammars: list | None = None,
 ) -> GenerateOutput:
     """Generate up to max_new_tokens per row. `on_token(step, tokens_B)` is called after every step (for
     streaming); returning True stops generation (e.g. Ctrl-C or a disconnected client).
@@ -98,7 +100,8 @@ def generate(
     prefill_chunk: feed the prompt that many tokens at a time (bounded memory; the compressed cache).
     pad_token_id: what a finished row holds in `sequences` after its stop token (default: the first eos).
     inputs_embeds: (B, T, D) embeddings of `input_ids` to prefill with instead (media spliced at placeholders);
-    `input_ids` still gives the returned sequences."""
+    `input_ids` still gives the returned sequences.
+    grammars: per row, a GrammarState (deepseek.generation.constrained) whose mask constrains that row, or None."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -139,12 +142,16 @@ def generate(
     tokens_out = []
     mask = attention_mask
     for step in range(max_new_tokens):
+        if grammars is not None:
+            logits = mask_logits(logits.float(), [g if not done[b] else None for b, g in enumerate(grammars)])
         token = sample(logits, temperature, top_p, top_k, generator)
         token = token.masked_fill(done, pad)  # a finished row holds pad (transformers' convention)
         tokens_out.append(token)
         token_list = token.tolist()
         for b in range(B):
             if not done[b]:
+                if grammars is not None and grammars[b] is not None:
+                    grammars[b].accept(token_list[b])
                 new_tokens[b].append(token_list[b])
                 if token_list[b] in eos:
                     finish[b] = "stop"

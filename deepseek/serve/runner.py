@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..generation.constrained import mask_logits
 from ..generation.loop import decode_one_token
 from ..generation.sampling import sample
 from .kv_cache import SlotCache
@@ -59,7 +60,7 @@ class ModelRunner:
     def sample(self, seqs: list[Sequence]) -> list[int | Exception]:
         """One token per sequence from its pending logits (greedy rows in one argmax). A row whose sampling
         fails gets the exception in its place, so the engine fails that sequence alone."""
-        logits_BV = torch.stack([s.pending_logits for s in seqs])
+        logits_BV = mask_logits(torch.stack([s.pending_logits for s in seqs]), [s.grammar for s in seqs])
         out: list[int | Exception] = logits_BV.argmax(-1).tolist()
         for b, s in enumerate(seqs):
             try:
@@ -80,6 +81,8 @@ class ModelRunner:
             lp_V = logits_1V[0].float().log_softmax(-1)
             top = lp_V.topk(min(p.logprobs, lp_V.shape[0])) if p.logprobs > 0 else None
             s.new_logprobs = (float(lp_V[tok]), _top_dict(top))
+        if s.grammar is not None:
+            s.grammar.accept(tok)  # ValueError (this sequence fails) if the grammar does not allow it
         return tok
 
 

@@ -32,6 +32,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-k logprobs per prompt token (echo + logprobs)
     timeout_s: float | None = None
     parse_reasoning: bool = True  # split <think>...</think> out as reasoning (chat); False: raw text (completions)
+    grammar: object = None  # a compiled constrained.Grammar: each sequence's tokens follow it (None: free)
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -163,6 +164,8 @@ class Sequence:
         self.new_logprobs = None  # (logprob, {id: logprob}) of the token just sampled, when asked for
         self.prompt_logprobs = None  # set by prefill when params.prompt_logprobs is not None
         self.prompt_logprobs_sent = False
+        # per-sequence grammar state (deepseek.generation.constrained): masks this sequence's logits each step
+        self.grammar = params.grammar.start(stream.in_reasoning_at_start) if params.grammar is not None else None
         self.media: dict | None = None  # decoded media for the prompt's placeholders (projected at prefill)
 
     @property
