@@ -1,7 +1,7 @@
 """Four modalities in one shared space: train the binding, then measure it on held-out data.
 
     python benchmarks/multimodal.py --quick     # smoke run: 60 steps (a few minutes)
-    python benchmarks/multimodal.py             # the reported run (200 steps, 15-25 min on 2 shared cores), saves the weights
+    python benchmarks/multimodal.py             # the reported run (400 steps, 20-30 min on 2 shared cores), saves the weights
     python benchmarks/multimodal.py --steps 3000 --no-save
 
 Binds image, audio and 3D points to the text anchor (symmetric InfoNCE, learned temperature, ImageBind-style:
@@ -38,7 +38,7 @@ from deepseek.multimodal import (
     log_mel,
     mel_filterbank,
 )
-from deepseek.multimodal.audio import normalise
+from deepseek.multimodal.audio import frontend, pad_mels
 from deepseek.multimodal.points import normalise_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +50,14 @@ FILLERS = ("look", "here", "is", "my", "of", "very", "nice", "big", "small", "an
 # ---------------------------------------------------------------------------------------------- data + augmentation
 class Data:
     def __init__(self, cfg: MultimodalConfig, seed: int, per_glyph: int):
-        fb = mel_filterbank(cfg.n_mels, cfg.n_fft, cfg.sample_rate)
+        fb = mel_filterbank(cfg.n_mels, cfg.n_fft, cfg.sample_rate, fmax=cfg.fmax)
         self.cfg = cfg
         self.img = {s: tuple(map(torch.from_numpy, data.images(s))) for s in ("train", "test")}
         self.mel, self.audio_y = {}, {}
         for s in ("train", "test"):
             clips = data.speech(s)
             key = f"{s}_{len(clips)}_{cfg.sample_rate}_{cfg.n_mels}_{cfg.n_fft}_{cfg.hop}"
+            key += f"_{cfg.fmax:g}" if cfg.fmax != cfg.sample_rate / 2 else ""
             cached = data.cache_dir().parent / f"mels_{key}.pt"  # log-mels of the cached clips (slow to redo)
             if cached.exists():
                 self.mel[s] = torch.load(cached)
@@ -69,6 +70,7 @@ class Data:
         pts_te, y_te, _ = data.clouds("test", 10, cfg.sample_points, seed + 1)
         self.pts = {"train": (torch.from_numpy(pts_tr), torch.from_numpy(y_tr)),
                     "test": (torch.from_numpy(pts_te), torch.from_numpy(y_te))}
+        self.mel_test = [frontend(m, cfg) for m in self.mel["test"]]  # what the encoder's features() gives
         self.text = {s: data.texts(s) for s in ("train", "test")}
         self.by_class = {
             "image": [torch.nonzero(self.img["train"][1] == d)[:, 0] for d in range(10)],
@@ -87,7 +89,7 @@ class Data:
         if mod == "image":
             return aug_images(self.img["train"][0][idx], g, self.cfg.image_grid)
         if mod == "audio":
-            return aug_mels([self.mel["train"][i] for i in idx], g)
+            return aug_mels([self.mel["train"][i] for i in idx], g, self.cfg)
         if mod == "points":
             return aug_points(self.pts["train"][0][idx], g)
         return [aug_text(self.by_class["text"][d][i], g) for d, i in zip(y_B.tolist(), idx)]
@@ -96,7 +98,7 @@ class Data:
         if mod == "image":
             return self.img["test"][0][:, None].expand(-1, 3, -1, -1), self.img["test"][1]
         if mod == "audio":
-            return ("mel", self.mel["test"]), self.audio_y["test"]
+            return ("mel", self.mel_test), self.audio_y["test"]
         if mod == "points":
             return torch.stack([normalise_points(p) for p in self.pts["test"][0]]), self.pts["test"][1]
         return [t for t, _ in self.text["test"]], torch.tensor([y for _, y in self.text["test"]])
@@ -107,7 +109,8 @@ def U(g, n, lo, hi):
 
 
 def aug_images(x_BHW, g, grid):
-    """Random affine, stroke thickness, resolution (down to 6-8 px, as the test digits) and contrast."""
+    """Random affine, stroke thickness (dilated half the time), resolution (always down to 7-10 px and back:
+    the test digits are 8x8) with 17-level quantisation half the time, and contrast."""
     B = x_BHW.shape[0]
     x = F.interpolate(x_BHW[:, None], size=(grid, grid), mode="bilinear", antialias=True)
     ang, sc, sh = U(g, B, -0.3, 0.3), U(g, B, 0.8, 1.15), U(g, B, -0.25, 0.25)
@@ -116,11 +119,11 @@ def aug_images(x_BHW, g, grid):
                      torch.stack([torch.sin(ang) / sc, torch.cos(ang) / sc, ty], 1)], 1)
     x = F.grid_sample(x, F.affine_grid(A, x.shape, align_corners=False), align_corners=False)
     r = torch.rand(B, generator=g)
-    x = torch.where((r < 0.3).view(-1, 1, 1, 1), F.max_pool2d(x, 3, 1, 1), x)
-    x = torch.where((r > 0.85).view(-1, 1, 1, 1), -F.max_pool2d(-x, 3, 1, 1), x)
+    x = torch.where((r < 0.5).view(-1, 1, 1, 1), F.max_pool2d(x, 3, 1, 1), x)
+    x = torch.where((r > 0.9).view(-1, 1, 1, 1), -F.max_pool2d(-x, 3, 1, 1), x)
     out = []
     for i in range(B):
-        res = int(torch.randint(6, 21, (1,), generator=g))
+        res = int(torch.randint(7, 11, (1,), generator=g))
         lo = F.interpolate(x[i:i + 1], size=(res, res), mode="area")
         if torch.rand(1, generator=g) < 0.5:
             lo = torch.round(lo * 16) / 16  # the test digits have 17 grey levels
@@ -130,13 +133,14 @@ def aug_images(x_BHW, g, grid):
     return (x ** U(g, B, 0.6, 1.5).view(-1, 1, 1, 1)).expand(-1, 3, -1, -1)
 
 
-def aug_mels(mels, g):
-    """Mel-domain augmentation: time stretch, frequency warp (vocal tract length), spectral tilt and ripple,
-    noise floor, time/frequency masks; then per-clip normalisation and padding."""
+def aug_mels(mels, g, cfg):
+    """Log-mel augmentation of the raw (un-front-ended) clips: time stretch, frequency warp (vocal tract
+    length), spectral tilt and ripple, a band limit (as from an 8 kHz recording) 30% of the time, a noise
+    floor; then the encoder's own front end (floor, trim, lifter, mean normalisation) and padding."""
     out = []
     for m in mels:
         M, T = m.shape
-        t2 = max(24, int(T * float(U(g, 1, 0.75, 1.3))))
+        t2 = max(8, int(T * float(U(g, 1, 0.75, 1.3))))
         m = F.interpolate(m[None, None], size=(M, t2), mode="bilinear", align_corners=False)[0, 0]
         w = float(U(g, 1, 0.85, 1.15))
         src = (torch.arange(M) * w).clamp(max=M - 1)
@@ -145,21 +149,12 @@ def aug_mels(mels, g):
         m = m[lo] * (1 - frac) + m[(lo + 1).clamp(max=M - 1)] * frac
         k = torch.linspace(-1, 1, M)[:, None]
         m = m + float(U(g, 1, -3, 3)) * k + float(U(g, 1, -1, 1)) * torch.sin(k * float(U(g, 1, 2, 8)) + float(U(g, 1, 0, 6)))
+        if torch.rand(1, generator=g) < 0.3:
+            m[int(M * float(U(g, 1, 0.625, 0.94))):] = m.min()
         floor = m.max() - float(U(g, 1, 6, 14))
         m = torch.logaddexp(m, floor + 0.5 * torch.randn(m.shape, generator=g))
-        f0, fw = int(torch.randint(M, (1,), generator=g)), int(torch.randint(0, 9, (1,), generator=g))
-        m[f0:f0 + fw] = m.mean()
-        t0, tw = int(torch.randint(t2, (1,), generator=g)), int(torch.randint(0, t2 // 8 + 1, (1,), generator=g))
-        m[:, t0:t0 + tw] = m.mean()
-        out.append(m)
+        out.append(frontend(m, cfg))
     return pad_mels(out)
-
-
-def pad_mels(mels):
-    T = max(m.shape[1] for m in mels)
-    frames = torch.tensor([m.shape[1] for m in mels])
-    x = torch.stack([F.pad(m, (0, T - m.shape[1])) for m in mels])
-    return normalise(x, frames), frames
 
 
 def aug_points(p_BS6, g):
@@ -262,7 +257,7 @@ def raw_probe(d: Data, mod) -> float:
             x = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True).flatten(1)
             return (x / x.amax(1, keepdim=True)).numpy(), d.img[split][1].numpy()
         if mod == "audio":
-            f = [torch.cat([m.mean(1), m.std(1)]) for m in normalise_list(d.mel[split])]
+            f = [torch.cat([m.mean(1), m.std(1)]) for m in d.mel[split]]  # raw log-mels, mean + std over time
             return torch.stack(f).numpy(), d.audio_y[split].numpy()
         p, y = d.pts[split]
         h = [np.histogram2d(*normalise_points(c)[:, :2].T.numpy(), bins=12, range=[[-1, 1], [-1, 1]])[0].ravel()
@@ -272,10 +267,6 @@ def raw_probe(d: Data, mod) -> float:
     (xtr, ytr), (xte, yte) = feats("train"), feats("test")
     clf = LogisticRegression(max_iter=2000, C=1.0).fit(xtr, ytr)
     return float((clf.predict(xte) == yte).mean())
-
-
-def normalise_list(mels):
-    return [normalise(m[None], torch.tensor([m.shape[1]]))[0] for m in mels]
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -342,7 +333,7 @@ def plots(emb, r1, out_dir: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--sup-steps", type=int, default=30)
     ap.add_argument("--per-class", type=int, default=8, help="batch = 10 x per-class")
     ap.add_argument("--lr", type=float, default=2e-3)

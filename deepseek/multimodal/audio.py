@@ -1,9 +1,19 @@
 """Audio encoder: mono WAV at any sample rate -> 16 kHz -> log-mel (torch) -> time tokens + pooled vector.
 
-Shapes: T samples, B batch, M mel bins (config.n_mels), F frames (10 ms), N = ceil(F / 4) tokens (40 ms each),
-D shared width. Stereo input is averaged to mono. Clips must last config.min_seconds..max_seconds (checked
-from the header, before decoding the samples). Log-mels are normalised per clip (mean/variance over its
-frames), which removes gain and much of a recording chain's colour.
+Shapes: T samples, B batch, M mel bins (config.n_mels, 0..config.fmax Hz), F frames (10 ms) after silence
+trimming, N = ceil(F / 4) tokens (40 ms each), D shared width. Stereo input is averaged to mono. Clips must
+last config.min_seconds..max_seconds (checked from the header, before decoding the samples).
+
+The front end (`frontend`, one clip at a time, so batching cannot change a clip) makes the features depend
+on what is said more than on the voice or the synthesiser:
+  1. floor: log-mel values more than config.floor_nats below the clip's peak are raised to that floor
+     (digital silence, 8 kHz band edges and quiet noise all read as the same floor);
+  2. trim: leading and trailing frames whose energy is more than config.trim_nats below the loudest frame
+     are dropped (so the token count follows the speech, not the padding around it);
+  3. lifter: the log-mel of each frame is smoothed to its first config.cepstra cepstral coefficients
+     (DCT-II, truncated, inverted), which removes pitch harmonics and keeps the formant envelope;
+  4. cepstral mean normalisation: each mel bin's mean over the clip is subtracted (a fixed channel or
+     voice colour is a constant per bin in the log domain) and the clip is scaled to unit variance.
 """
 
 from __future__ import annotations
@@ -158,6 +168,34 @@ def log_mel(wave_BT: torch.Tensor, fbank_MK: torch.Tensor, n_fft: int, hop: int)
     return torch.log(torch.einsum("mk,bkf->bmf", fbank_MK, spec_BKF).clamp_min(1e-10))
 
 
+def dct_matrix(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II (n, n): row k is the k-th cosine basis vector over n mel bins."""
+    k = torch.arange(n, dtype=torch.float64)
+    D = torch.cos(math.pi / n * (k[None] + 0.5) * k[:, None]) * math.sqrt(2.0 / n)
+    D[0] /= math.sqrt(2.0)
+    return D.float()
+
+
+def frontend(mel_MF: torch.Tensor, cfg: MultimodalConfig) -> torch.Tensor:
+    """One clip's log-mel (M, F) -> floored, silence-trimmed, liftered, mean-normalised (M, F') (see the top)."""
+    m = torch.maximum(mel_MF, mel_MF.max() - cfg.floor_nats)
+    energy_F = torch.logsumexp(m, 0)
+    keep = torch.nonzero(energy_F > energy_F.max() - cfg.trim_nats)[:, 0]
+    m = m[:, int(keep[0]):int(keep[-1]) + 1]
+    if cfg.cepstra:
+        D_CM = dct_matrix(m.shape[0]).to(m)[:cfg.cepstra]
+        m = D_CM.T @ (D_CM @ m)
+    m = m - m.mean(1, keepdim=True)
+    return m / m.std(unbiased=False).clamp_min(1e-3)
+
+
+def pad_mels(mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Front-ended clips [(M, F_b)] -> zero-padded (B, M, F) and frame counts (B,)."""
+    F_ = max(m.shape[1] for m in mels)
+    frames_B = torch.tensor([m.shape[1] for m in mels], device=mels[0].device)
+    return torch.stack([F.pad(m, (0, F_ - m.shape[1])) for m in mels]), frames_B
+
+
 def sinusoid(n: int, d: int) -> torch.Tensor:
     pos = torch.arange(n, dtype=torch.float32)[:, None]
     freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
@@ -183,7 +221,8 @@ class AudioEncoder(nn.Module):
     def __init__(self, cfg: MultimodalConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("fbank_MK", mel_filterbank(cfg.n_mels, cfg.n_fft, cfg.sample_rate), persistent=False)
+        self.register_buffer("fbank_MK", mel_filterbank(cfg.n_mels, cfg.n_fft, cfg.sample_rate, fmax=cfg.fmax),
+                             persistent=False)
         c = cfg.dim // 4
         self.stem = nn.ModuleList([nn.Sequential(nn.Conv2d(1, c, 3, 2, 1), ChannelNorm(c), nn.GELU()),
                                    nn.Sequential(nn.Conv2d(c, 2 * c, 3, 2, 1), ChannelNorm(2 * c), nn.GELU())])
@@ -194,17 +233,14 @@ class AudioEncoder(nn.Module):
 
     def features(self, audio) -> tuple[torch.Tensor, torch.Tensor]:
         """A list of sources (paths, WAV bytes, (samples, rate), or 1-D tensors already at 16 kHz) ->
-        (normalised log-mel (B, M, F), frame counts (B,))."""
+        (front-ended log-mel (B, M, F), frame counts (B,))."""
         if not isinstance(audio, (list, tuple)) or (len(audio) == 2 and isinstance(audio[1], int)):
             audio = [audio]
         waves = [a.float() if isinstance(a, torch.Tensor) else load_audio(a, self.cfg) for a in audio]
         dev = self.fbank_MK.device
         # one clip at a time: the STFT reflects at each clip's own end, so batching cannot change a clip
         mels = [log_mel(w[None].to(dev), self.fbank_MK, self.cfg.n_fft, self.cfg.hop)[0] for w in waves]
-        F_ = max(m.shape[1] for m in mels)
-        frames_B = torch.tensor([m.shape[1] for m in mels], device=dev)
-        mel_BMF = torch.stack([F.pad(m, (0, F_ - m.shape[1])) for m in mels])
-        return normalise(mel_BMF, frames_B), frames_B
+        return pad_mels([frontend(m, self.cfg) for m in mels])
 
     def forward_features(self, mel_BMF: torch.Tensor, frames_B: torch.Tensor) -> EncoderOutput:
         x = mel_BMF.unsqueeze(1)
@@ -221,11 +257,3 @@ class AudioEncoder(nn.Module):
     def forward(self, audio) -> EncoderOutput:
         return self.forward_features(*self.features(audio))
 
-
-def normalise(mel_BMF: torch.Tensor, frames_B: torch.Tensor) -> torch.Tensor:
-    """Per-clip mean/variance normalisation over real frames; padded frames set to 0."""
-    mask_B1F = (torch.arange(mel_BMF.shape[-1], device=mel_BMF.device)[None] < frames_B[:, None]).unsqueeze(1)
-    n_B11 = (frames_B.float() * mel_BMF.shape[1]).view(-1, 1, 1)
-    mean = (mel_BMF * mask_B1F).sum((1, 2), keepdim=True) / n_B11
-    var = (((mel_BMF - mean) * mask_B1F) ** 2).sum((1, 2), keepdim=True) / n_B11
-    return ((mel_BMF - mean) / var.clamp_min(1e-6).sqrt()) * mask_B1F

@@ -22,11 +22,17 @@ class MultimodalConfig:
     layers: int = 1  # transformer layers on top of each modality's stem
     # image: any input is resized to image_grid x image_grid, RGB in [0, 1]; patch tokens on an 8x8 grid
     image_grid: int = 32
-    # audio: mono, resampled to sample_rate; log-mel with n_mels bins, 25 ms windows, 10 ms hop
+    # audio: mono, resampled to sample_rate; log-mel with n_mels bins up to fmax Hz, 25 ms windows, 10 ms hop;
+    # front end (audio.frontend): floor at peak - floor_nats, trim frames quieter than loudest - trim_nats,
+    # smooth to the first `cepstra` cepstral coefficients (0 = off), per-bin mean normalisation
     sample_rate: int = 16000
     n_mels: int = 64
+    fmax: float = 8000.0
     n_fft: int = 400
     hop: int = 160
+    floor_nats: float = 11.0
+    trim_nats: float = 6.0
+    cepstra: int = 14
     min_seconds: float = 0.2
     max_seconds: float = 30.0
     # points: (N, 3) xyz or (N, 6) xyz + colour/normals; N <= max_points; n_groups FPS centres, k neighbours
@@ -44,6 +50,10 @@ class MultimodalConfig:
             raise ValueError(f"need 0 < min_seconds < max_seconds, got {self.min_seconds}, {self.max_seconds}")
         if self.group_size > self.sample_points or self.n_groups > self.sample_points:
             raise ValueError("n_groups and group_size must not exceed sample_points")
+        if not 0 < self.fmax <= self.sample_rate / 2:
+            raise ValueError(f"fmax must be in (0, sample_rate / 2], got {self.fmax}")
+        if self.floor_nats <= 0 or self.trim_nats <= 0 or not 0 <= self.cepstra <= self.n_mels:
+            raise ValueError("need floor_nats > 0, trim_nats > 0 and 0 <= cepstra <= n_mels")
         if self.image_grid % 4:
             raise ValueError(f"image_grid must be a multiple of 4, got {self.image_grid}")
 

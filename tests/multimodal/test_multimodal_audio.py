@@ -121,3 +121,45 @@ def test_bad_audio_errors():
         load_audio((np.zeros(100), 16000), CFG)
     with pytest.raises(ValueError, match="NaN"):
         load_audio((np.full(8000, np.nan), 16000), CFG)
+
+
+def test_frontend_floor_trim_lifter_and_mean_normalisation():
+    from deepseek.multimodal.audio import dct_matrix, frontend
+
+    D = dct_matrix(CFG.n_mels)
+    assert torch.allclose(D @ D.T, torch.eye(CFG.n_mels), atol=1e-5)  # orthonormal DCT-II
+    fb = mel_filterbank(CFG.n_mels, CFG.n_fft, CFG.sample_rate, fmax=CFG.fmax)
+    rng = np.random.default_rng(0)
+    tone = 0.5 * sine(440, 16000, 0.5) + 0.5 * sine(1250, 16000, 0.5) + 1e-3 * rng.standard_normal(8000)
+    clip = np.concatenate([np.zeros(4000), tone, np.zeros(6400)])  # 0.25 s silence, 0.5 s tone, 0.4 s silence
+    mel = log_mel(torch.from_numpy(clip).float()[None], fb, CFG.n_fft, CFG.hop)[0]
+    out = frontend(mel, CFG)
+    assert abs(out.shape[1] - 8000 // CFG.hop) <= 3  # the silence around the tone is trimmed (50 frames kept)
+    assert out.shape[0] == CFG.n_mels
+    assert torch.allclose(out.mean(1), torch.zeros(CFG.n_mels), atol=1e-4)  # per-bin mean removed
+    assert abs(float(out.std(unbiased=False)) - 1.0) < 1e-4
+    # only the first `cepstra` cepstral coefficients survive the lifter (CMN subtracts a per-bin constant,
+    # which is itself liftered, so the rest stay ~0)
+    assert float((D[CFG.cepstra:] @ out).abs().max()) < 1e-3
+    # gain and a fixed channel colour (a per-bin constant in the log domain) change nothing
+    colour = torch.linspace(-2, 2, CFG.n_mels)[:, None]
+    for shifted in (mel + math.log(0.01), mel + colour):
+        floored = torch.maximum(shifted, shifted.max() - CFG.floor_nats)
+        if torch.equal(floored - shifted == 0, mel - torch.maximum(mel, mel.max() - CFG.floor_nats) == 0):
+            assert torch.allclose(frontend(shifted, CFG), out, atol=1e-3)
+    assert torch.allclose(frontend(mel + math.log(0.01), CFG), out, atol=1e-3)
+    # values below peak - floor_nats are raised to the floor before anything else
+    low = mel.clone()
+    low[:, :10] = -50.0
+    assert torch.allclose(frontend(low, CFG), frontend(torch.maximum(low, low.max() - CFG.floor_nats), CFG))
+
+
+def test_encoder_tokens_follow_the_trimmed_speech():
+    enc = AudioEncoder(CFG).eval()
+    tone = 0.4 * sine(700, 16000, 0.6)
+    padded = np.concatenate([np.zeros(8000), tone, np.zeros(8000)])
+    with torch.no_grad():
+        a, b = enc([(tone, 16000)]), enc([(padded, 16000)])
+    assert a.mask.sum() == b.mask.sum() == math.ceil((0.6 * 16000 / CFG.hop + 1) / 4)  # 16 tokens, not 41
+    # only the onset and offset frames differ (silence vs the STFT's reflection at the clip's ends)
+    assert float((a.pooled * b.pooled).sum()) > 0.95
