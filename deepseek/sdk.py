@@ -87,10 +87,14 @@ class R1Model(R1ForCausalLM):
             return self.multimodal.embed(**inputs)
 
     def chat(self, messages, max_new_tokens: int | None = None, temperature: float | None = None,
-             top_p: float | None = None, seed: int | None = None, tokenizer=None):  # fmt: skip
+             top_p: float | None = None, seed: int | None = None, tokenizer=None, response_format=None,
+             tools=None, tool_choice="required"):  # fmt: skip
         """One assistant turn for `messages` (a string, or OpenAI-style messages whose content may hold parts
         {"type": "text" | "image" | "audio" | "points", ...}). Returns deepseek.chat.Reply (reasoning, answer).
-        Unset sampling settings come from the model's generation_config.json."""
+        Unset sampling settings come from the model's generation_config.json.
+        response_format (a pydantic model class or a JSON schema dict): returns the validated object / dict;
+        tools (OpenAI tool dicts or pydantic classes): returns [ToolCall]; both decode under a grammar
+        (deepseek/structured_chat.py)."""
         import time
 
         from .chat import Reply, split_reasoning
@@ -99,8 +103,15 @@ class R1Model(R1ForCausalLM):
 
         d = sampling_defaults(self)
         tok = tokenizer if tokenizer is not None else self.tokenizer()
+        structured = None
+        if response_format is not None or tools:
+            from .structured_chat import Structured
+
+            structured = Structured(self, tok, messages, response_format, tools, tool_choice)
         inputs = self.processor(tok)(messages=messages) if self.multimodal else None
-        if inputs is None:
+        if structured is not None and structured.ids is not None:  # tools in the prompt (text only)
+            ids, embeds = torch.tensor([structured.ids]), None
+        elif inputs is None:
             from .chat import chat_prompt_ids
             from .multimodal.processor import text_only
 
@@ -110,14 +121,17 @@ class R1Model(R1ForCausalLM):
             ids = inputs["input_ids"]
             embeds = self.media_embeds(ids, inputs["media"]) if any(inputs["media"].values()) else None
         t0 = time.perf_counter()
-        out = generate(self, ids, max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        out_len = d.max_new_tokens if max_new_tokens is None else max_new_tokens
+        out = generate(self, ids, max_new_tokens=out_len,
                        temperature=d.temperature if temperature is None else temperature,
                        top_p=d.top_p if top_p is None else top_p, eos_token_id=tok.eos_token_id, seed=seed,
-                       inputs_embeds=embeds)  # fmt: skip
+                       inputs_embeds=embeds,
+                       grammars=None if structured is None else [structured.start(ids[0].tolist(), out_len)])  # fmt: skip
         tokens = [t for t in out.new_tokens[0] if t != tok.eos_token_id]
         reasoning, answer = split_reasoning(tok.decode(tokens, skip_special_tokens=True))
         seconds = time.perf_counter() - t0
-        return Reply(reasoning, (answer or "").strip(), len(tokens), False, len(tokens) / max(seconds, 1e-9))
+        reply = Reply(reasoning, (answer or "").strip(), len(tokens), False, len(tokens) / max(seconds, 1e-9))
+        return structured.result(out.new_tokens[0], reply) if structured is not None else reply
 
     def finetune(self, dataset, epochs: int = 1, **kwargs) -> dict:
         """LoRA (default) or full fine-tuning on a path / dataset name / datasets.Dataset; see deepseek.train.finetune."""

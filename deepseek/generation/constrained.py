@@ -15,7 +15,7 @@ costs about a millisecond.
 
 Reasoning: a model that reasons writes `<think> ... </think>` before its answer. A sequence that starts
 inside the reasoning (the prompt ends with `<think>`), or whose first generated token is `<think>`, is left
-unconstrained until `</think>`; the grammar applies from the next token on. `force_close_after`: a reasoning
+unconstrained until `</think>` (except that it cannot stop there); the grammar applies from the next token on. `force_close_after`: a reasoning
 that has not closed after that many tokens gets `</think>` forced, so the answer still fits max_tokens.
 """
 
@@ -43,6 +43,21 @@ def json_schema_grammar(schema: dict | str, lead_newlines: int = 2) -> str:
     if not isinstance(schema, dict):
         raise ConstraintError(f"a JSON schema must be an object, got {type(schema).__name__}")
     return _lead(lead_newlines) + f"body: {json_rule(schema)}\n"
+
+
+def closed_objects(schema):
+    """A copy of the schema where every object without `additionalProperties` allows no other keys (what
+    OpenAI's strict mode means; pydantic models leave it open, and a small model then invents keys)."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
+    if "properties" in out and isinstance(out["properties"], dict):
+        out["properties"] = {k: closed_objects(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in out and "patternProperties" not in out:
+            out["additionalProperties"] = False
+    return out
 
 
 def json_object_grammar(lead_newlines: int = 2) -> str:
@@ -154,11 +169,16 @@ class GrammarState:
 
     @property
     def free(self) -> bool:
-        """No mask this step."""
+        """No grammar mask this step (see `no_stop` for reasoning)."""
         if self.phase != "reasoning":
             return self.phase == "ended"
         limit = self.grammar.force_close_after
         return limit is None or self.reasoning_tokens < limit or self.grammar.vocab.think_close is None
+
+    @property
+    def no_stop(self) -> bool:
+        """A free reasoning step: any token but a stop token (the answer under the grammar must still come)."""
+        return self.phase == "reasoning" and self.free
 
     def fill(self, bitmask_W: torch.Tensor) -> None:
         """Write this step's allowed tokens into one int32 row of the bitmask."""
@@ -220,6 +240,9 @@ def _set_bit(bitmask_W: torch.Tensor, i: int) -> None:
 def mask_logits(logits_BV: torch.Tensor, states: list) -> torch.Tensor:
     """Set the logits of tokens the grammar forbids to -inf in the rows whose state constrains this step (in
     place; the rows whose state is None or free are not touched). Returns logits_BV."""
+    for b, s in enumerate(states):
+        if s is not None and s.no_stop:
+            logits_BV[b, s.grammar.vocab.eos_ids] = float("-inf")
     rows = [b for b, s in enumerate(states) if s is not None and not s.free]
     if not rows:
         return logits_BV

@@ -42,6 +42,8 @@ from .protocol import (
 )
 from .responses import chat_chunk, chat_response, completion_response, openai_reason, sse, usage_body
 from .sequence import Output, SamplingParams
+from .structured import plan_request
+from .structured import prompt_ids as tool_prompt_ids
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 FAIL_STATUS = {"timeout": (504, "timeout", "the request timed out"),
@@ -256,12 +258,19 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
             _check_prompt_size(engine, sum(len(m["content"]) for m in messages if m["role"] != "assistant"),
                                "messages")  # fmt: skip
             media = None
-            if any(m.has_media() for m in req.messages) or getattr(engine.model, "multimodal", None) is not None:
+            plan = await asyncio.to_thread(plan_request, engine, req)  # response_format / tools (400s here)
+            if plan is not None and plan.renders:  # tools, tool calls or tool results in the prompt
+                if any(m.has_media() for m in req.messages):
+                    raise APIError(400, "messages: media content parts together with tools are not supported yet",
+                                   "invalid_value", "messages")  # fmt: skip
+                ids = await asyncio.to_thread(tool_prompt_ids, engine.tokenizer, plan)
+            elif any(m.has_media() for m in req.messages) or getattr(engine.model, "multimodal", None) is not None:
                 ids, media = await asyncio.to_thread(_media_prompt, engine, req.messages)  # decoded, checked
             else:
                 ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)  # off the event loop
             max_tokens = req.max_completion_tokens or req.max_tokens or (engine.max_model_len - len(ids))
             params = server.params(req, max_tokens, len(ids), logprobs=0 if req.logprobs else None)
+            params.grammar = plan.grammar_for(max_tokens) if plan is not None else None  # constrained (structured.py)
             params_n = [_seeded(params, req.seed, i) for i in range(req.n)]
             await server.admit(record, len(ids), len(ids) + req.n * max_tokens)
             q, seqs = server.start(record, [ids] * req.n, params_n, media)
@@ -277,12 +286,16 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            gen = _chat_stream(engine, record, q, seqs, rid, created, req.model, req.n, include_usage)
+            gen = _chat_stream(engine, record, q, seqs, rid, created, req.model, req.n, include_usage, plan)
             return StreamingResponse(gen, media_type="text/event-stream")
         outs = await _collect(engine, request, q, seqs, req.n, settings.disconnect_poll_s)
         await record.wait_written()  # the usage row is committed before the response is sent
         _raise_failure(outs, record)
-        return chat_response(rid, created, req.model, outs, record.totals())
+        body = chat_response(rid, created, req.model, outs, record.totals())
+        if plan is not None:  # tool-call text -> tool_calls, finish_reason "tool_calls"
+            for choice, o in zip(body["choices"], outs):
+                plan.finish(choice, o.text, choice["finish_reason"])
+        return body
 
     @app.post("/v1/embeddings", responses=error_responses(400, 401, 404, 413, 429))
     async def embeddings(req: EmbeddingRequest, who: Caller = Depends(caller)):
@@ -483,7 +496,7 @@ def _raise_failure(outs: list[Output], record: RequestRecord) -> None:
             raise APIError(status, f"{msg}" + (f": {o.error}" if o.error else ""), code)
 
 
-async def _chat_stream(engine, record, q, seqs, rid, created, model, n, include_usage):
+async def _chat_stream(engine, record, q, seqs, rid, created, model, n, include_usage, plan=None):
     try:
         for i in range(n):
             yield sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}))
@@ -500,8 +513,11 @@ async def _chat_stream(engine, record, q, seqs, rid, created, model, n, include_
                 yield sse(APIError(status, msg, code).body())
                 finished += 1
                 continue
+            reason = openai_reason(out.finish_reason)
+            if plan is not None:  # tool-call text -> tool_calls deltas
+                delta, reason = plan.stream_delta(i, out.text, out.finish_reason is not None, delta, reason)
             if delta or out.finish_reason:
-                yield sse(chat_chunk(rid, created, model, i, delta, openai_reason(out.finish_reason)))
+                yield sse(chat_chunk(rid, created, model, i, delta, reason))
             finished += out.finish_reason is not None
         if include_usage:
             yield sse(chat_chunk(rid, created, model, None, None, usage=record.totals()))

@@ -183,7 +183,7 @@ PART_TYPES = ("text", "image_url", "input_audio", "input_points")
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # tool: a tool result (tool_call_id)
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
 
     @field_validator("content", mode="before")
