@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     p.add_argument("--ppl", nargs="*", default=[], help="files, folders or dataset names for perplexity")
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window")
-    p.add_argument("--task", nargs="*", default=[], help="task names (deepseek.tasks.TASKS) and/or humaneval")
+    p.add_argument("--task", nargs="*", default=[], help="task names (deepseek.tasks.TASKS), reasoning-gym tasks (gsm_symbolic_heldout, basic_arithmetic_heldout, chain_sum_heldout, leg_counting_heldout; without _heldout: the training split) and/or humaneval")
     p.add_argument("--n", type=int, help="problems per task (default 100; humaneval: all 164)")
     p.add_argument("--oracle", nargs="?", const="canonical", choices=["canonical", "broken"],
                    help="humaneval only: score the canonical solutions (must be 164/164) or a broken set (must be 0)")
@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from deepseek.tasks import TASKS
+    from deepseek.tasks.gym import GYM_TASKS
+
+    TASKS = {**TASKS, **GYM_TASKS}
 
     if not args.ppl and not args.task:
         raise ValueError("nothing to evaluate: give --ppl FILE... and/or --task NAME...")
@@ -78,7 +81,7 @@ def run(args) -> int:
                           samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, show_progress=True)  # fmt: skip
         rows.append({"eval": f"pass@{args.k}" if args.k > 1 else "accuracy", "data": name, **r})
-    print(f"{'eval':<12}{'data':<28}{'score':>10}{'detail':>40}")
+    print(f"{'eval':<12}{'data':<28}{'score':>10}{'detail':>52}")
     for r in rows:
         if r["eval"] == "perplexity":
             print(f"{r['eval']:<12}{r['data'][:27]:<28}{r['perplexity']:>10.3f}{r['tokens']:>34} tokens")
@@ -87,7 +90,9 @@ def run(args) -> int:
                 detail = f"n={r['n']} solved={r['solved']} pass@1={r['pass@1']:.3f}"
             else:
                 detail = f"n={r['n']} reward={r['mean_reward']:.3f} format={r['format_rate']:.2f}"
-            print(f"{r['eval']:<12}{r['data'][:27]:<28}{r['accuracy']:>10.3f}{detail:>40}")
+                if "step_accuracy" in r:
+                    detail += f" steps={r['step_accuracy']:.3f}"
+            print(f"{r['eval']:<12}{r['data'][:27]:<28}{r['accuracy']:>10.3f}{detail:>52}")
     print(json.dumps({"model": str(args.model), "results": [{k: v for k, v in r.items() if k not in ("examples", "per_problem")}
                                                            for r in rows]}))  # fmt: skip
     return 0

@@ -69,10 +69,16 @@ def task_accuracy(model, tokenizer, task: str, n: int = 100, seed: int = 12345, 
     rewards = [grader.grade(examples[i // samples], c) for i, c in enumerate(completions)]
     correct = [sum(r >= 1.0 for r in rewards[j * samples : (j + 1) * samples]) for j in range(n)]
     score = sum(pass_at_k(samples, c, k) for c in correct) / n
+    steps = {}
+    if task in ("addition", "subtraction", "multiplication"):  # every intermediate line graded (eval/steps.py)
+        from .steps import step_accuracy
+
+        steps = step_accuracy(completions, [examples[i // samples] for i in range(len(completions))])
     return {
         "task": task, "n": n, "k": k, "samples": samples, "temperature": temperature,
         "difficulty": examples[0].get("difficulty"), "accuracy": score,
         "mean_reward": sum(rewards) / len(rewards),
         "format_rate": sum(format_reward(c) for c in completions) / len(completions),
+        **steps,
         "examples": [{"prompt": examples[0]["prompt"], "completion": completions[0], "reward": rewards[0]}],
     }  # fmt: skip

@@ -30,8 +30,15 @@ TASKS = {
 
 
 def get_task(name: str, **kwargs) -> Task:
+    """A task by name: TASKS, or a reasoning-gym task (deepseek.tasks.gym.GYM_TASKS: `gsm_symbolic` for
+    training, `gsm_symbolic_heldout` for evaluation, ...; kept out of TASKS so the default tokenizer corpus
+    and the bundled recipe do not depend on the optional package)."""
+    from .gym import GYM_TASKS, get_gym_task
+
+    if name in GYM_TASKS:
+        return get_gym_task(name, **kwargs)
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join([*TASKS, *GYM_TASKS])}")
     return TASKS[name](**kwargs)
 
 
