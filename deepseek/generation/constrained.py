@@ -22,6 +22,7 @@ that has not closed after that many tokens gets `</think>` forced, so the answer
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -139,8 +140,10 @@ class GrammarVocab:
 
 
 def _clean(message: str) -> str:
-    first = message.strip().splitlines()
-    return first[0] if first else "invalid grammar"
+    """llguidance's message on one line, without its source excerpts and carets."""
+    lines = [x.strip() for x in message.strip().splitlines()]
+    keep = [x for x in lines if x and not re.fullmatch(r"[\^\s]+|\d+ \|.*", x) and x != "^"]
+    return " ".join(keep)[:500] or "invalid grammar"
 
 
 def _single_id(tokenizer, text: str) -> int | None:
