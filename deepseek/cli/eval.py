@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", help="checkpoint folder or bundled model name (not needed with --oracle)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     p.add_argument("--ppl", nargs="*", default=[], help="files, folders or dataset names for perplexity")
+    p.add_argument("--choices", nargs="*", default=[],
+                   help="JSONL files of {context, choices, label}: multiple-choice accuracy by log-likelihood (as lm-eval's acc)")
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window")
     p.add_argument("--task", nargs="*", default=[], help="task names (deepseek.tasks.TASKS), reasoning-gym tasks (gsm_symbolic_heldout, basic_arithmetic_heldout, chain_sum_heldout, leg_counting_heldout; without _heldout: the training split) and/or humaneval")
     p.add_argument("--n", type=int, help="problems per task (default 100; humaneval: all 164)")
@@ -44,8 +46,11 @@ def run(args) -> int:
 
     TASKS = {**TASKS, **GYM_TASKS}
 
-    if not args.ppl and not args.task:
-        raise ValueError("nothing to evaluate: give --ppl FILE... and/or --task NAME...")
+    if not args.ppl and not args.task and not args.choices:
+        raise ValueError("nothing to evaluate: give --ppl FILE..., --task NAME... and/or --choices FILE...")
+    from deepseek.eval.choices import read_items
+
+    choice_sets = {path: read_items(path) for path in args.choices}  # bad files fail before the model loads
     for name in args.task:
         if name not in TASKS and name != "humaneval":
             raise ValueError(f"unknown task {name!r}; choose from: {', '.join([*TASKS, 'humaneval'])}")
@@ -67,6 +72,11 @@ def run(args) -> int:
     for source in args.ppl:
         r = perplexity(model, tokenizer, source, seq_len=args.seq_len, show_progress=True)
         rows.append({"eval": "perplexity", "data": source, **r})
+    for path, items in choice_sets.items():
+        from deepseek.eval.choices import choice_accuracy
+
+        r = choice_accuracy(model, tokenizer, items)
+        rows.append({"eval": "choice acc", "data": path, "mean_reward": r["accuracy"], "format_rate": 1.0, **r})
     for name in args.task:
         if name == "humaneval":
             from deepseek.eval.humaneval import humaneval_accuracy
@@ -86,14 +96,16 @@ def run(args) -> int:
         if r["eval"] == "perplexity":
             print(f"{r['eval']:<12}{r['data'][:27]:<28}{r['perplexity']:>10.3f}{r['tokens']:>34} tokens")
         else:
-            if r["data"] == "humaneval":
+            if r["eval"] == "choice acc":
+                detail = f"n={r['n']} by log-likelihood"
+            elif r["data"] == "humaneval":
                 detail = f"n={r['n']} solved={r['solved']} pass@1={r['pass@1']:.3f}"
             else:
                 detail = f"n={r['n']} reward={r['mean_reward']:.3f} format={r['format_rate']:.2f}"
                 if "step_accuracy" in r:
                     detail += f" steps={r['step_accuracy']:.3f}"
             print(f"{r['eval']:<12}{r['data'][:27]:<28}{r['accuracy']:>10.3f}{detail:>52}")
-    print(json.dumps({"model": str(args.model), "results": [{k: v for k, v in r.items() if k not in ("examples", "per_problem")}
+    print(json.dumps({"model": str(args.model), "results": [{k: v for k, v in r.items() if k not in ("examples", "per_problem", "predictions")}
                                                            for r in rows]}))  # fmt: skip
     return 0
 
