@@ -177,3 +177,31 @@ def test_sdk_chat_returns_a_validated_object_and_tool_calls(model):
     calls = model.chat("Add 2 and 3", tools=[ADD], tool_choice="add", max_new_tokens=300)
     assert len(calls) == 1 and calls[0].name == "add"
     assert set(calls[0].arguments) == {"a", "b"} and all(0 <= v <= 99 for v in calls[0].arguments.values())
+
+
+def test_tool_markers_as_special_tokens(tmp_path):
+    """A DeepSeek-style tokenizer with each tool marker as one special token: the grammar names the markers
+    by id, the model's calls (decoded with special tokens kept) parse back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    markers = [ct.CALLS_BEGIN, ct.CALLS_END, ct.CALL_BEGIN, ct.CALL_END, ct.SEP]
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<think>", "</think>", *markers]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(['{"a": 1, "b": 2} function add json'] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=specials[0], eos_token=specials[1])
+    vocab = GrammarVocab(tok, len(tok), {tok.eos_token_id})
+    assert all(vocab.special_id(m) is not None for m in markers)
+    text = ct.calls_text([{"function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}])
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids[0] == vocab.special_id(ct.CALLS_BEGIN) and ids[-1] == vocab.special_id(ct.CALLS_END)
+    state = vocab.compile(ct.tool_grammar(vocab, ct.check_tools([ADD]), ["add"], parallel=False)).start()
+    for t in ids:
+        assert t in allowed(state, vocab.vocab_size), tok.decode([t])
+        state.accept(t)
+    assert state.complete
+    calls = ct.parse_tool_calls(tok.decode(ids, skip_special_tokens=False))[1]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("add", {"a": 1, "b": 2})]
