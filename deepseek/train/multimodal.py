@@ -1,14 +1,15 @@
-"""The multimodal stage of the recipe: bound encoders + projectors + LoRA SFT on top of the bundled r1-tiny.
+"""The multimodal stage of the recipe: bound encoders + projectors + SFT of the bundled r1-tiny on media chats.
 
-    deepseek recipe multimodal --out runs/r1-tiny-mm [--bundle]     # ~10 min on 2 CPU cores
+    deepseek recipe multimodal --out runs/r1-tiny-mm [--bundle]     # ~20 min on 2 CPU cores
     from deepseek.train.multimodal import MultimodalRecipe, train_multimodal
-    record = train_multimodal(MultimodalRecipe(steps=600))
+    record = train_multimodal(MultimodalRecipe(steps=400, lm="full"))    # or lm="lora" / "frozen"
 
-Stages: (1) the binding (deepseek/multimodal/, `benchmarks/multimodal.py` trains it; the stage starts from its
-bundled weights, frozen here); (2) projector + LoRA SFT on multimodal chat data, "<image>\\nWhich digit is
-this?" -> "<think>\\nThe handwriting shows a seven.\\n</think>\\n\\n7", mixed with replayed arithmetic SFT traces
-(the recipe's own sft3 examples, so no new prompts) so that r1-tiny keeps its arithmetic; LoRA is merged at
-the end, so the result is a plain checkpoint: LM + multimodal.safetensors.
+Stages: (1) the binding (deepseek/multimodal/, `benchmarks/multimodal.py` trains it; this stage starts from its
+bundled weights, frozen); (2) projector + LM SFT on one-turn media chats,
+"<image>\\nWhich digit is this?" -> "<think>\\nThe image shows the digit 7.\\n</think>\\n\\n7", mixed with
+replayed arithmetic SFT traces (the r1-tiny recipe's own sft3 examples, so no new prompts) so that r1-tiny keeps
+its arithmetic. The LM trains fully by default; lm="lora" trains LoRA adapters (merged at the end) and
+lm="frozen" only the projectors. The result is a plain checkpoint: LM + multimodal.safetensors.
 
 Shapes: n items, N encoder tokens, C shared width, K LM tokens per item, B rows, T tokens, D LM hidden.
 The encoders are frozen, so their outputs for the training media are computed once (features) and the
@@ -47,8 +48,8 @@ QUESTIONS = {
     },
 }  # fmt: skip
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-REASONING = {"image": "The handwriting shows a {w}.", "audio": "The speaker says {w}.",
-             "points": "The points form the digit {w}."}  # fmt: skip
+REASONING = {"image": "The image shows the digit {d}.", "audio": "The clip says the digit {d}.",
+             "points": "The shape is the digit {d}."}  # fmt: skip
 
 
 @dataclass
@@ -60,7 +61,9 @@ class MultimodalRecipe:
     steps: int = 400
     media_batch: int = 24  # multimodal rows per step
     replay_batch: int = 4  # arithmetic SFT rows per step (keeps r1-tiny's arithmetic)
-    lr: float = 1e-3
+    lm: str = "full"  # what of the LM trains: "full" | "lora" | "frozen" (projector-only)
+    lr: float = 1e-3  # projectors (and LoRA)
+    lm_lr: float = 5e-4  # the LM's weights when lm="full"
     warmup: int = 30
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -78,6 +81,8 @@ class MultimodalRecipe:
         for name in ("tokens_per_item", "steps", "media_batch", "eval_items"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"MultimodalRecipe.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.lm not in ("full", "lora", "frozen"):
+            raise ValueError(f"MultimodalRecipe.lm must be full, lora or frozen, got {self.lm!r}")
         if not 0 <= self.span_dropout < 1:
             raise ValueError(f"MultimodalRecipe.span_dropout must be in [0, 1), got {self.span_dropout}")
         self.modalities = tuple(self.modalities)
@@ -128,7 +133,7 @@ def media_messages(modality: str, question: str, digit: int | None, media_first:
     messages = [{"role": "user", "content": user}]
     if digit is not None:
         messages.append({"role": "assistant", "content": str(digit),
-                         "reasoning_content": REASONING[modality].format(w=WORDS[digit])})  # fmt: skip
+                         "reasoning_content": REASONING[modality].format(d=digit)})  # fmt: skip
     return messages
 
 
@@ -230,12 +235,20 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
     replay = replay_rows(recipe, tok, recipe.steps * recipe.replay_batch) if recipe.replay_batch else []
 
     for p in model.parameters():
+        p.requires_grad_(recipe.lm == "full")
+    for p in adapter.parameters():  # the encoders stay frozen
         p.requires_grad_(False)
-    peft = lora_model(model, recipe.lora_rank, recipe.lora_alpha) if recipe.lora_rank else None
+    peft = lora_model(model, recipe.lora_rank, recipe.lora_alpha) if recipe.lm == "lora" else None
     for p in adapter.projectors.parameters():
         p.requires_grad_(True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=0.0)
+    projector_params = list(adapter.projectors.parameters())
+    ids_proj = {id(p) for p in projector_params}
+    lm_params = [p for p in model.parameters() if p.requires_grad and id(p) not in ids_proj]
+    trainable = projector_params + lm_params
+    groups = [{"params": projector_params, "base_lr": recipe.lr}]
+    if lm_params:
+        groups.append({"params": lm_params, "base_lr": recipe.lm_lr if recipe.lm == "full" else recipe.lr})
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=0.0)
     rng = random.Random(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -243,9 +256,10 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
     adapter.binding.eval()
     log, t0 = [], time.perf_counter()
     for step in range(recipe.steps):
-        lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+        scale = min(1.0, (step + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * scale
+        lr = recipe.lr * scale
         rows, picks = [], {m: [] for m in recipe.modalities}
         for i in range(recipe.media_batch):
             m = recipe.modalities[i % len(recipe.modalities)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from deepseek import R1Model
@@ -30,6 +31,21 @@ def test_stage_trains_saves_and_evaluates(tmp_path):
     ids = proc(text="What is 2 + 3?")["input_ids"]
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, base(ids).logits)
+    assert not any("lora" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("lm", ["frozen", "lora"])
+def test_projector_only_keeps_the_lm_and_lora_merges(tmp_path, lm):
+    recipe = MultimodalRecipe(out_dir=str(tmp_path / lm), steps=2, warmup=1, media_batch=2, replay_batch=0,
+                              train_items=8, eval_items=2, points_per_glyph=1, points_per_cloud=128,
+                              modalities=("points",), lm=lm)  # fmt: skip
+    train_multimodal(recipe, progress=False)
+    model = R1Model.from_pretrained(tmp_path / lm / "final")
+    base = R1Model.from_pretrained("deepseek/r1-tiny")
+    ids = torch.tensor([[0, 4, 50, 60, 70]])
+    with torch.no_grad():
+        same = torch.allclose(model(ids).logits, base(ids).logits, atol=1e-6)
+    assert same == (lm == "frozen")  # projector-only: the text model is untouched; LoRA: merged into it
     assert not any("lora" in k for k in model.state_dict())
 
 
