@@ -6,6 +6,7 @@ more stop strings than OpenAI's 4) and `local-chat-completions` (generation), ea
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ def lm_eval(root: Path, model: str, model_args: str, tasks: str, *extra: str) ->
     out = root / f"out-{model}"
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args,
            "--include_path", str(root), "--tasks", tasks, "--output_path", str(out), "--batch_size", "1", "--log_samples", *extra]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)  # no hub, no downloads
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(next(out.rglob("results_*.json")).read_text())
     samples = {}
