@@ -62,7 +62,7 @@ class MultimodalRecipe:
     media_batch: int = 24  # multimodal rows per step
     replay_batch: int = 4  # arithmetic SFT rows per step (keeps r1-tiny's arithmetic)
     lm: str = "full"  # what of the LM trains: "full" | "lora" | "frozen" (projector-only)
-    lr: float = 1e-3  # projectors (and LoRA)
+    lr: float = 2e-3  # projectors (and LoRA)
     lm_lr: float = 5e-4  # the LM's weights when lm="full"
     warmup: int = 30
     lora_rank: int = 8
@@ -75,6 +75,7 @@ class MultimodalRecipe:
     train_items: int | None = None  # cap on training items per modality (None: all; small for tests)
     threads: int | None = None
     modalities: tuple = ("image", "audio", "points")
+    weights: tuple = (0.45, 0.35, 0.2)  # share of media rows per modality (images are the hardest to read)
     replay_mix: dict = field(default_factory=dict)  # {} = the r1-tiny recipe's sft3 mix
 
     def __post_init__(self):
@@ -261,8 +262,7 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
             group["lr"] = group["base_lr"] * scale
         lr = recipe.lr * scale
         rows, picks = [], {m: [] for m in recipe.modalities}
-        for i in range(recipe.media_batch):
-            m = recipe.modalities[i % len(recipe.modalities)]
+        for m in rng.choices(recipe.modalities, recipe.weights[: len(recipe.modalities)], k=recipe.media_batch):
             j = rng.randrange(len(feats[m].digits))
             d = feats[m].digits[j]
             msgs = media_messages(m, rng.choice(QUESTIONS["train"][m]), d, media_first=rng.random() < 0.7)
