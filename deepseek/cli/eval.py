@@ -23,20 +23,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ppl", nargs="*", default=[], help="files, folders or dataset names for perplexity")
     p.add_argument("--choices", nargs="*", default=[],
                    help="JSONL files of {context, choices, label}: multiple-choice accuracy by log-likelihood (as lm-eval's acc)")
-    p.add_argument("--seq-len", type=int, default=256, help="perplexity window")
-    p.add_argument("--task", nargs="*", default=[], help="task names (deepseek.tasks.TASKS), reasoning-gym tasks (gsm_symbolic_heldout, basic_arithmetic_heldout, chain_sum_heldout, leg_counting_heldout; without _heldout: the training split) and/or humaneval")
+    p.add_argument("--seq-len", type=int, default=256, help="perplexity window in tokens (default: %(default)s)")
+    p.add_argument("--task", nargs="*", default=[], help="task names: addition, subtraction, multiplication, countdown, sorting, passkey, passkey_multi; reasoning-gym tasks (gsm_symbolic_heldout, basic_arithmetic_heldout, chain_sum_heldout, leg_counting_heldout; without _heldout: the training split) and/or humaneval")
     p.add_argument("--n", type=int, help="problems per task (default 100; humaneval: all 164)")
     p.add_argument("--oracle", nargs="?", const="canonical", choices=["canonical", "broken"],
                    help="humaneval only: score the canonical solutions (must be 164/164) or a broken set (must be 0)")
-    p.add_argument("--timeout", type=float, default=10.0, help="humaneval: wall-clock seconds per program")
-    p.add_argument("--memory-mb", type=int, default=1024, help="humaneval: address-space limit per program")
-    p.add_argument("--k", type=int, default=1, help="pass@k (1 = greedy accuracy)")
+    p.add_argument("--timeout", type=float, default=10.0, help="humaneval: wall-clock seconds per program (default: %(default)s)")
+    p.add_argument("--memory-mb", type=int, default=1024, help="humaneval: address-space limit per program in MiB (default: %(default)s)")
+    p.add_argument("--k", type=int, default=1, help="pass@k (default: %(default)s = greedy accuracy)")
     p.add_argument("--samples", type=int, help="samples per problem for pass@k (default k)")
     p.add_argument("--temperature", type=float, help="default 0 for greedy, 0.8 for pass@k")
     p.add_argument("--difficulty", type=int, help="task difficulty (default: the task's own)")
-    p.add_argument("--seed", type=int, default=12345, help="problem seed (keep it apart from training seeds)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=12345, help="problem seed, kept apart from training seeds (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="generation limit (default: from the task, its longest reference trace x 1.5 rounded up to 64: "
+                        "multiplication 512, addition 192; humaneval 512); answers cut at it are counted as cut=")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences generated together (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -82,7 +84,7 @@ def run(args) -> int:
             from deepseek.eval.humaneval import humaneval_accuracy
 
             r = humaneval_accuracy(model, tokenizer, n=args.n, samples=args.samples or args.k, k=args.k,
-                                   temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, max_new_tokens=args.max_new_tokens or 512,
                                    batch_size=args.batch_size, seed=args.seed, limits=_limits(args),
                                    show_progress=True)  # fmt: skip
             rows.append({"eval": f"pass@{args.k}", "data": name, **r})
@@ -104,6 +106,8 @@ def run(args) -> int:
                 detail = f"n={r['n']} reward={r['mean_reward']:.3f} format={r['format_rate']:.2f}"
                 if "step_accuracy" in r:
                     detail += f" steps={r['step_accuracy']:.3f}"
+                if r.get("truncated"):
+                    detail += f" cut={r['truncated']}@{r['max_new_tokens']}"
             print(f"{r['eval']:<12}{r['data'][:27]:<28}{r['accuracy']:>10.3f}{detail:>52}")
     print(json.dumps({"model": str(args.model), "results": [{k: v for k, v in r.items() if k not in ("examples", "per_problem", "predictions")}
                                                            for r in rows]}))  # fmt: skip
