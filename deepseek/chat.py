@@ -39,6 +39,7 @@ class Reply:
     tokens: int
     stopped: bool  # interrupted (Ctrl-C) before the model finished
     tokens_per_second: float
+    finish_reason: str = "stop"  # "stop" (end of turn), "length" (cut at max_new_tokens) or "cancelled"
 
 
 class ChatSession:
@@ -137,7 +138,7 @@ class ChatSession:
             previous = signal.signal(signal.SIGINT, lambda *_: self.interrupt())
         t0 = time.perf_counter()
         try:
-            generate(self.model, torch.tensor([ids]), max_new_tokens=self.max_new_tokens,
+            res = generate(self.model, torch.tensor([ids]), max_new_tokens=self.max_new_tokens,
                      temperature=self.temperature, top_p=self.top_p, eos_token_id=self.tok.eos_token_id,
                      seed=self.seed, on_token=on_token, inputs_embeds=embeds)  # fmt: skip
         finally:
@@ -146,12 +147,15 @@ class ChatSession:
         seconds = time.perf_counter() - t0
         render(final=True)
         stopped = self.stop_event.is_set()
-        write("\n" + ("[stopped]\n" if stopped else ""))
+        finish = "cancelled" if stopped else res.finish_reasons[0]
+        cut = f"[cut at the {self.max_new_tokens}-token limit (finish_reason length): raise --max-new-tokens]\n"
+        write("\n" + ("[stopped]\n" if stopped else cut if finish == "length" else ""))
         reasoning, answer = split_reasoning(self.tok.decode(tokens, skip_special_tokens=True))
         if not stopped:  # R1 practice: the next turn sees the answer, not the reasoning
             self.history += [{"role": "user", "content": content},
                              {"role": "assistant", "content": (answer or "").strip()}]  # fmt: skip
-        return Reply(reasoning, (answer or "").strip(), len(tokens), stopped, len(tokens) / max(seconds, 1e-9))
+        return Reply(reasoning, (answer or "").strip(), len(tokens), stopped, len(tokens) / max(seconds, 1e-9),
+                     finish)  # fmt: skip
 
 
 def chat_prompt_ids(tokenizer, conversation: str | list[dict] | dict) -> list[int]:

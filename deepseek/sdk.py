@@ -130,7 +130,8 @@ class R1Model(R1ForCausalLM):
         tokens = [t for t in out.new_tokens[0] if t != tok.eos_token_id]
         reasoning, answer = split_reasoning(tok.decode(tokens, skip_special_tokens=True))
         seconds = time.perf_counter() - t0
-        reply = Reply(reasoning, (answer or "").strip(), len(tokens), False, len(tokens) / max(seconds, 1e-9))
+        reply = Reply(reasoning, (answer or "").strip(), len(tokens), False, len(tokens) / max(seconds, 1e-9),
+                      out.finish_reasons[0])  # fmt: skip
         return structured.result(out.new_tokens[0], reply) if structured is not None else reply
 
     def finetune(self, dataset, epochs: int = 1, **kwargs) -> dict:

@@ -66,6 +66,8 @@ def test_playground_streams_an_answer_with_reasoning_and_cost(tmp_path, browser)
             row = billing.usage_records()[-1]
             assert f"{row['completion_tokens']} completion tokens" in usage and "$0.0000" in usage
             assert row["status"] == "ok" and row["completion_tokens"] >= 1
+            # a reply stopped at the limit says so (finish_reason "length"), one that ended by itself does not
+            assert ("stopped at the max tokens limit" in usage) == (row["completion_tokens"] == 12)
             # the streamed reasoning equals what the API returns for the same greedy request
             from deepseek.chat import chat_prompt_ids
             from deepseek.serve.sequence import SamplingParams
