@@ -17,7 +17,40 @@ import socket
 
 from deepseek.loading import DEFAULT_MODEL
 
-DEFAULT_DB = os.environ.get("DEEPSEEK_DB", "sqlite:///deepseek-serve.db")
+DB_HELP = ("usage/keys database URL, SQLite or PostgreSQL (default: $DEEPSEEK_DB, else "
+           "sqlite:///$XDG_DATA_HOME/deepseek/serve.db, ~/.local/share/deepseek/serve.db: the same from any directory)")
+
+
+def default_db() -> str:
+    """The one default database of serve, keys and usage: $DEEPSEEK_DB, else a SQLite file in the user's data
+    folder ($XDG_DATA_HOME/deepseek/serve.db or ~/.local/share/deepseek/serve.db), never relative to the
+    working directory (created on first use)."""
+    if os.environ.get("DEEPSEEK_DB"):
+        return os.environ["DEEPSEEK_DB"]
+    from pathlib import Path
+
+    folder = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "deepseek"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'serve.db').resolve()}"
+
+
+def _open_db(args, **kw):
+    """Billing on --db (or the default), its location printed on stderr (stdout stays the command's output)."""
+    import sys
+
+    from ..serve.billing import Billing
+
+    args.db = args.db or default_db()
+    billing = Billing(args.db, **kw)
+    print(f"database: {shown_url(args.db)}", file=sys.stderr, flush=True)
+    return billing
+
+
+def shown_url(url: str) -> str:
+    """The URL with any password masked."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def is_loopback(host: str) -> bool:
@@ -34,7 +67,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name or model folder (with tokenizer)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--db", default=DEFAULT_DB, help="usage/keys database URL (SQLite file or PostgreSQL)")
+    p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--auth", choices=["auto", "on", "off"], default="auto",
                    help="API keys: auto = on unless bound to loopback")  # fmt: skip
     # engine and HTTP settings default to None here: the one default lives in EngineConfig / ServeSettings
@@ -58,7 +91,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_serve)
 
     k = sub.add_parser("keys", help="manage API keys (create, list, revoke)")
-    k.add_argument("--db", default=DEFAULT_DB)
+    k.add_argument("--db", default=None, help=DB_HELP)
     ks = k.add_subparsers(dest="keys_command", required=True)
     c = ks.add_parser("create", help="create a key; the secret is printed once")
     c.add_argument("name")
@@ -70,7 +103,7 @@ def add_parser(sub) -> None:
     k.set_defaults(func=run_keys)
 
     u = sub.add_parser("usage", help="usage and cost per key and day")
-    u.add_argument("--db", default=DEFAULT_DB)
+    u.add_argument("--db", default=None, help=DB_HELP)
     u.add_argument("--key", type=int, default=None, help="only this key id")
     u.add_argument("--json", action="store_true", help="one JSON object per row")
     u.set_defaults(func=run_usage)
@@ -81,7 +114,6 @@ def run_serve(args) -> int:
     import uvicorn
 
     from ..serve.api import create_app
-    from ..serve.billing import Billing
     from ..serve.engine import Engine, EngineConfig
     from ..serve.protocol import ServeSettings
 
@@ -92,7 +124,7 @@ def run_serve(args) -> int:
                                   max_model_len=args.max_model_len, default_timeout_s=args.timeout))  # fmt: skip
     settings = ServeSettings(**given(max_body_bytes=args.max_body_bytes, open_metrics=args.open_metrics,
                                      open_docs=args.open_docs))  # fmt: skip
-    billing = Billing(args.db, wait_s=args.db_wait)  # fails fast on a bad URL, before the model loads
+    billing = _open_db(args, wait_s=args.db_wait)  # fails fast on a bad URL, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(args.model, config)
@@ -102,7 +134,7 @@ def run_serve(args) -> int:
                      settings=settings)  # fmt: skip
     writer = app.state.server.writer
     print(f"serving {engine.model_name} on http://{args.host}:{args.port} (auth {'on' if auth else 'off'}, "
-          f"db {billing.dialect}, {config.max_running} slots x {engine.max_model_len} tokens, "
+          f"db {shown_url(args.db)}, {config.max_running} slots x {engine.max_model_len} tokens, "
           f"{len(writer.reconciled)} open usage rows reconciled as incomplete)", flush=True)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=args.grace))  # fmt: skip
@@ -123,9 +155,7 @@ def run_serve(args) -> int:
 
 
 def run_keys(args) -> int:
-    from ..serve.billing import Billing
-
-    db = Billing(args.db)
+    db = _open_db(args)
     if args.keys_command == "create":
         secret, key = db.create_key(args.name, args.tier, args.budget)
         print(f"created key {key.id} ({key.name}, tier {key.tier}, budget {_money(key.budget_usd)})")
@@ -143,9 +173,7 @@ def run_keys(args) -> int:
 
 
 def run_usage(args) -> int:
-    from ..serve.billing import Billing
-
-    rows = Billing(args.db).usage_by_day(args.key)
+    rows = _open_db(args).usage_by_day(args.key)
     if args.json:
         for r in rows:
             print(json.dumps(r))
@@ -160,7 +188,11 @@ def run_usage(args) -> int:
 
 
 def _money(v) -> str:
-    return "unlimited" if v is None else f"${v:.2f}"
+    """Dollars with the digits a small budget needs: $5.00, $0.015, $0.000125 (never "$0.00" for a non-zero one)."""
+    if v is None:
+        return "unlimited"
+    whole, frac = f"{v:.6f}".rstrip("0").split(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
 
 
 __all__ = ["add_parser", "is_loopback"]
