@@ -31,7 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         importlib.import_module(module).add_parser(sub)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every flag with a default says it in --help: " (default: X)" where its help does not already."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+        elif (action.option_strings and action.help and action.default not in (None, False, [], "", argparse.SUPPRESS)
+              and "default" not in action.help):  # fmt: skip
+            action.help += " (default: %(default)s)"
 
 
 def main(argv: list[str] | None = None) -> int:

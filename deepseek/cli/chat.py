@@ -37,8 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--points", action="append", default=[], metavar="PATH",
                    help="attach a point cloud (.npy (N,3)/(N,6), .ply, .xyz) to --prompt; repeatable")
     add_sampling_arguments(p)
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="dim the reasoning (auto: when stdout is a terminal)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=run)
 
 

@@ -24,16 +24,17 @@ def add_parser(sub) -> None:
     c.add_argument("--model", required=True, help="model folder or bundled name (with a tokenizer)")
     c.add_argument("--data", required=True, help="text file whose tokens set the thresholds")
     c.add_argument("--target-k", type=float, required=True, help="average routed experts per token")
-    c.add_argument("--mode", choices=("entropy", "top_p"), default="entropy")
-    c.add_argument("--k-min", type=int, default=1)
+    c.add_argument("--mode", choices=("entropy", "top_p"), default="entropy",
+                   help="entropy: k from the router's entropy; top_p: the fewest experts covering the mass")  # fmt: skip
+    c.add_argument("--k-min", type=int, default=1, help="fewest routed experts per token")
     c.add_argument("--k-max", type=int, default=None, help="default: the checkpoint's num_experts_per_tok")
     c.add_argument("--tokens", type=int, default=4096, help="calibration tokens read from --data")
     c.add_argument("--out", required=True, help="folder for the calibrated copy")
     c.set_defaults(func=run_calibrate)
     s = rsub.add_parser("stats", help="per-layer average k, k histogram, MaxVio, routing entropy")
-    s.add_argument("--model", required=True)
-    s.add_argument("--data", required=True)
-    s.add_argument("--tokens", type=int, default=4096)
+    s.add_argument("--model", required=True, help="model folder or bundled name (with a tokenizer)")
+    s.add_argument("--data", required=True, help="text file to route")
+    s.add_argument("--tokens", type=int, default=4096, help="tokens read from --data")
     s.set_defaults(func=run_stats)
 
 

@@ -9,7 +9,7 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy; default: the model's generation config (greedy for the bundled models)")  # fmt: skip
     p.add_argument("--top-p", type=float, default=None, help="default: the model's generation config")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
 
 
 def check_sampling_arguments(args) -> None:

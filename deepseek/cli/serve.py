@@ -65,8 +65,8 @@ def is_loopback(host: str) -> bool:
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API server with continuous batching and a playground")
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name or model folder (with tokenizer)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface, turns auth on)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--auth", choices=["auto", "on", "off"], default="auto",
                    help="API keys: auto = on unless bound to loopback")  # fmt: skip
@@ -94,12 +94,13 @@ def add_parser(sub) -> None:
     k.add_argument("--db", default=None, help=DB_HELP)
     ks = k.add_subparsers(dest="keys_command", required=True)
     c = ks.add_parser("create", help="create a key; the secret is printed once")
-    c.add_argument("name")
-    c.add_argument("--tier", default="basic")
+    c.add_argument("name", help="who the key is for (shown in keys list)")
+    c.add_argument("--tier", default="basic", help="pricing and rate limits: basic ($0.001 / 1K tokens, 60 rpm, "
+                   "100K tpm) or enterprise ($0.0008 / 1K, 6000 rpm, 10M tpm)")
     c.add_argument("--budget", type=float, default=None, help="USD the key may spend (default: unlimited)")
     ks.add_parser("list", help="list keys (never the secrets)")
     r = ks.add_parser("revoke", help="revoke a key by id")
-    r.add_argument("id", type=int)
+    r.add_argument("id", type=int, help="the key id (from keys list)")
     k.set_defaults(func=run_keys)
 
     u = sub.add_parser("usage", help="usage and cost per key and day")

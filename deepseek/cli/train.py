@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokenizer", help="folder with tokenizer.json (default: the --init-from model's)")
     p.add_argument("--init-from", help="model folder or bundled name to start from (default: a fresh model)")
     p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, curves.png, train_config.json)")
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's / config's)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides, e.g. lr=1e-3 batch_size=16 model.hidden_size=128 parallel=fsdp")  # fmt: skip
     dp = p.add_argument_group("differential privacy (LoRA fine-tuning of --init-from on --data)")

@@ -290,6 +290,38 @@ def build_batches(config: TrainConfig, tokenizer_dir, show_progress: bool):
     return train_it, val_it
 
 
+def check_inputs(config: TrainConfig) -> None:
+    """The run's inputs (data, val_data, init_from, tokenizer), each checked with one clear line before anything
+    is written (before, `--data missing.jsonl` wrote train_config.json and then asked for a tokenizer)."""
+    from .data import FILE_SUFFIXES, _cached_hub_dataset
+
+    if config.data is None:
+        raise ValueError("no training data: set data=<file | folder | dataset name | task:NAME> or pass train_batches")
+    for key in ("data", "val_data"):
+        source = getattr(config, key)
+        if not source or not isinstance(source, str):
+            continue
+        if source.startswith("task:"):
+            from ..tasks import get_task
+
+            names, _, n = source[len("task:"):].partition("@")
+            for name in names.split(","):
+                get_task(name)  # an unknown name: ValueError listing the tasks
+            if n and not (n.isdigit() and int(n) > 0):
+                raise ValueError(f"{key}={source}: the count after @ must be a positive integer")
+            continue
+        path = Path(source).expanduser()
+        if not path.exists() and (path.suffix.lower() in FILE_SUFFIXES or _cached_hub_dataset(source, "train") is None):
+            raise FileNotFoundError(f"{key}={source}: no such file or folder, and no dataset of that name in the "
+                                    "local Hugging Face cache")  # fmt: skip
+    if config.init_from:
+        from ..compat.checkpoint import resolve
+
+        resolve(config.init_from)  # FileNotFoundError naming the bundled models
+    if tokenizer_source(config) is None:
+        raise ValueError("config.data needs a tokenizer: set tokenizer=<folder> or init_from=<model folder>")
+
+
 def tokenizer_source(config: TrainConfig):
     for candidate in (config.tokenizer, config.init_from):
         if candidate and (Path(candidate) / "tokenizer.json").is_file():
@@ -326,6 +358,8 @@ class Run:
         mode = config.parallel if config.parallel != "auto" else "ddp"
         self.mode = mode if env.world > 1 else "none"
         self.out = Path(config.out_dir)
+        if train_batches is None:
+            check_inputs(config)  # before anything is written
         if env.main:
             self.out.mkdir(parents=True, exist_ok=True)
             config.save(self.out / "train_config.json")
