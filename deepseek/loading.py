@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-DEFAULT_MODEL = "deepseek/r1-tiny"  # what `deepseek chat`, `generate` and `serve` load without --model
+DEFAULT_MODEL = "deepseek/r1-tiny-mm"  # what `deepseek chat`, `generate` and `serve` load without --model
 
 
 def load_model_and_tokenizer(name_or_path, *, tokenizer=None, device: str = "cpu", int8: bool = False, dtype=None,
