@@ -25,11 +25,11 @@ def test_special_tokens_and_tags_are_not_printed(tiny):
 
 
 def test_generate_says_when_it_was_cut(tiny, capsys):
-    assert main(["generate", "--prompt", "What is 12 * 34?", "--chat", "--max-new-tokens", "6"]) == 0
+    assert main(["generate", "--model", "deepseek/r1-tiny", "--prompt", "What is 12 * 34?", "--chat", "--max-new-tokens", "6"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("[thinking]") and "<think>" not in out and "<|" not in out
     assert "6 tokens, cut at --max-new-tokens 6 (finish_reason length)" in err
-    assert main(["generate", "--prompt", "What is 12 * 34?", "--chat", "--max-new-tokens", "6", "--raw"]) == 0
+    assert main(["generate", "--model", "deepseek/r1-tiny", "--prompt", "What is 12 * 34?", "--chat", "--max-new-tokens", "6", "--raw"]) == 0
     assert "[thinking]" not in capsys.readouterr().out
 
 
