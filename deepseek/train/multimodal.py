@@ -60,10 +60,10 @@ class MultimodalRecipe:
     tokens_per_item: int = 8
     steps: int = 400
     media_batch: int = 24  # multimodal rows per step
-    replay_batch: int = 4  # arithmetic SFT rows per step (keeps r1-tiny's arithmetic)
+    replay_batch: int = 6  # arithmetic SFT rows per step (keeps r1-tiny's arithmetic)
     lm: str = "full"  # what of the LM trains: "full" | "lora" | "frozen" (projector-only)
     lr: float = 2e-3  # projectors (and LoRA)
-    lm_lr: float = 5e-4  # the LM's weights when lm="full"
+    lm_lr: float = 2e-4  # the LM's weights when lm="full"
     warmup: int = 30
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -75,7 +75,7 @@ class MultimodalRecipe:
     train_items: int | None = None  # cap on training items per modality (None: all; small for tests)
     threads: int | None = None
     modalities: tuple = ("image", "audio", "points")
-    weights: tuple = (0.45, 0.35, 0.2)  # share of media rows per modality (images are the hardest to read)
+    weights: tuple = (0.4, 0.3, 0.3)  # share of media rows per modality (images are the hardest to read)
     replay_mix: dict = field(default_factory=dict)  # {} = the r1-tiny recipe's sft3 mix
 
     def __post_init__(self):
