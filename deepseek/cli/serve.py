@@ -125,6 +125,9 @@ def run_serve(args) -> int:
                                   max_model_len=args.max_model_len, default_timeout_s=args.timeout))  # fmt: skip
     settings = ServeSettings(**given(max_body_bytes=args.max_body_bytes, open_metrics=args.open_metrics,
                                      open_docs=args.open_docs))  # fmt: skip
+    from ..compat.checkpoint import resolve
+
+    resolve(args.model)  # a missing model is one line, before the database is opened (or created)
     billing = _open_db(args, wait_s=args.db_wait)  # fails fast on a bad URL, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)

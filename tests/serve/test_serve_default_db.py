@@ -32,9 +32,13 @@ def test_one_default_database_from_any_directory(home, monkeypatch, capsys):
     assert main(["usage", "--json"]) == 0
     assert capsys.readouterr().err == f"database: {where}\n"
     assert not list((home / "a").iterdir()) and not list((home / "b").iterdir())
-    # serve opens (and names) the same database before it loads the model
+    # serve checks its model first: a missing one is one line, and no database is named or opened
     assert main(["serve", "--model", str(home / "nope")]) == 2
-    assert f"database: {where}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not found" in err and "database:" not in err and len(err.strip().splitlines()) == 1
+    from deepseek.cli.serve import default_db
+
+    assert default_db() == where  # the database serve would open is the same one
 
 
 def test_env_and_xdg_choose_the_location(home, monkeypatch):
