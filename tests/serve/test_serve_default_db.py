@@ -36,8 +36,6 @@ def test_one_default_database_from_any_directory(home, monkeypatch, capsys):
     assert main(["serve", "--model", str(home / "nope")]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and "database:" not in err and len(err.strip().splitlines()) == 1
-    from deepseek.cli.serve import default_db
-
     assert default_db() == where  # the database serve would open is the same one
 
 
