@@ -22,6 +22,7 @@ from .points import PointsEncoder
 from .text import TextEncoder
 
 MODALITIES = ("text", "image", "audio", "points")
+EMBED_KEYS = {"text": "text", "images": "image", "image": "image", "audio": "audio", "points": "points"}  # embed() kwargs
 
 
 def info_nce(a_BD: torch.Tensor, b_BD: torch.Tensor, logit_scale: torch.Tensor | float,
@@ -71,8 +72,7 @@ class BindingModel(nn.Module):
 
     def embed(self, **inputs) -> dict[str, torch.Tensor]:
         """embed(text=[...], images=[...], audio=[...], points=[...]) -> {modality: (B, D) unit vectors}."""
-        names = {"text": "text", "images": "image", "image": "image", "audio": "audio", "points": "points"}
-        return {names[k]: self.encode(names[k], v).pooled for k, v in inputs.items() if v is not None}
+        return {EMBED_KEYS[k]: self.encode(EMBED_KEYS[k], v).pooled for k, v in inputs.items() if v is not None}
 
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> Path:
         from safetensors.torch import save_file

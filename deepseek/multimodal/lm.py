@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .base import MultimodalConfig
-from .binding import BindingModel
+from .binding import EMBED_KEYS, BindingModel
 from .media import LM_MODALITIES, decode
 from .projector import Projector
 
@@ -123,19 +123,16 @@ class MultimodalAdapter(nn.Module):
 
     def embed(self, **inputs) -> dict[str, torch.Tensor]:
         """Shared-space unit vectors: embed(text=[...], images=[...], audio=[...], points=[...])."""
-        names = {"text": "text", "images": "image", "image": "image", "audio": "audio", "points": "points"}
-        out = {}
+        decoded = {}
         for key, items in inputs.items():
             if items is None:
                 continue
-            if key not in names:
+            if key not in EMBED_KEYS:
                 raise ValueError(f"embed() takes text, images, audio, points; got {key!r}")
-            modality = names[key]
+            modality = EMBED_KEYS[key]
             items = [items] if isinstance(items, str) else list(items)
-            if modality != "text":
-                items = [decode(modality, item, self.binding.cfg) for item in items]
-            out[modality] = self.binding.encode(modality, items).pooled
-        return out
+            decoded[key] = items if modality == "text" else [decode(modality, x, self.binding.cfg) for x in items]
+        return self.binding.embed(**decoded)
 
 
 def attach(model, tokenizer, binding: BindingModel, tokens_per_item: int = 8, modalities=LM_MODALITIES) -> None:

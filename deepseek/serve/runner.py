@@ -33,7 +33,8 @@ class ModelRunner:
         ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
         pos_1T = torch.arange(ids_1T.shape[1], device=self.device)[None]
         if seq.media:  # media projected into the placeholder positions; cached like tokens from here on
-            embeds = self.model.media_embeds(ids_1T, seq.media)
+            adapter = self.model.multimodal  # seq.media is decoded already (Engine.submit's contract)
+            embeds = adapter.splice(self.model.model.embed_tokens(ids_1T), ids_1T, seq.media)
             h_1TD = self.model.model(inputs_embeds=embeds, position_ids=pos_1T, cache=view).last_hidden_state
         else:
             h_1TD = self.model.model(input_ids=ids_1T, position_ids=pos_1T, cache=view).last_hidden_state
