@@ -312,7 +312,10 @@ def hf_config_dict(config: R1Config) -> dict:
     transformers, vLLM, SGLang and llama.cpp's converter read it unchanged; this project's own settings stay
     under their own keys ("routing", "compression", ...), which those tools ignore."""
     d = config.to_dict()
-    d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
+    if config.indexer is None:
+        d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
+    else:  # DeepSeek Sparse Attention: DeepSeek-V3.2's own config (index_topk, index_n_heads, index_head_dim)
+        d.update(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"])
     return d
 
 

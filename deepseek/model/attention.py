@@ -27,6 +27,7 @@ from .cache import Attended, LatentQuery, dense_attended
 from .longctx.learned import NSAParams, compressed_pattern
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
+from .sparse import LightningIndexer
 
 
 class MLAttention(nn.Module):
@@ -55,6 +56,8 @@ class MLAttention(nn.Module):
         self.scale = softmax_scale(config.rope_parameters, self.qk_dim)
         # learned block summaries + branch gates for the compressed cache (longctx/learned.py), or none
         self.nsa: NSAParams | None = NSAParams(config) if config.compression.learned else None
+        # DeepSeek-V3.2's lightning indexer (sparse.py): top-k token selection over what the cache answers, or none
+        self.indexer: LightningIndexer | None = LightningIndexer(config) if config.indexer is not None else None
 
     def use_absorbed(self, T: int) -> bool:
         """Absorbed costs ~T*S*H*2(C+R) per layer; expanded costs ~S*H*C*(N+V) to re-expand the cache."""
@@ -71,9 +74,10 @@ class MLAttention(nn.Module):
         B, T, _ = x_BTD.shape
         H = self.n_heads
         if self.q_lora_rank is None:
-            q = self.q_proj(x_BTD)
+            q_BTQ, q = None, self.q_proj(x_BTD)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+            q_BTQ = self.q_a_layernorm(self.q_a_proj(x_BTD))  # the q latent (also the indexer's input)
+            q = self.q_b_proj(q_BTQ)
         q_BTHK = q.view(B, T, H, self.qk_dim)
         q_nope, q_pe = q_BTHK.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)
@@ -91,6 +95,8 @@ class MLAttention(nn.Module):
             attended = compressed_pattern(query, kv_BTC, pe_BTR, mask_BTS, self.nsa)
         else:
             attended = dense_attended(kv_BTC, pe_BTR, mask_BTS, T)
+        if self.indexer is not None:
+            attended = self.indexer.select(x_BTD, q_BTQ, cos, sin, attended, cache, self.layer_idx)
 
         dense = attended.dense()
         if dense is not None and not self.use_absorbed(T):

@@ -18,6 +18,10 @@ the caller's mask; the hierarchical cache (longctx/cache.py) returns sinks, sele
 coarse block means and the recent window. `finish` runs after that layer's attention (the hierarchical cache
 seals blocks there, so every query sees its own chunk at full precision).
 
+A DeepSeek-V3.2 model (sparse attention, sparse.py) also stores its indexer's keys, I numbers per token and
+layer, through one more method, `index_keys(layer_idx, k_BTI) -> k_BSI` (`sparse.IndexKeyCache`), which
+`LatentCache` and `TransformersCache` implement; `bytes_per_token(config)` reports both parts.
+
 Implementations: `LatentCache` (below; one batch, allocated once, indexed by position), the serving
 engine's per-sequence slot views (serve/kv_cache.py), `CompressedLatentCache` (longctx/cache.py) and
 `TransformersCache` (below; transformers' Cache objects when GenerationMixin drives the model).
@@ -121,6 +125,7 @@ class LatentCache(DenseCache):
         self.kv = torch.zeros(n_layers, batch_size, max_len, config.kv_lora_rank, device=device, dtype=dtype)
         self.pe = torch.zeros(n_layers, batch_size, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
         self.lengths = [0] * n_layers
+        self.index: torch.Tensor | None = None  # (L, B, max_len, I) indexer keys, for a DeepSeek-V3.2 model
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
@@ -140,8 +145,18 @@ class LatentCache(DenseCache):
         """Forget positions >= length (rejected speculative tokens)."""
         self.lengths = [min(n, length) for n in self.lengths]
 
+    def index_keys(self, layer_idx: int, k_BTI: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3.2's indexer keys (sparse.IndexKeyCache): called after `attended` for the same layer, stored
+        at the positions it just stored (so `crop` forgets them too); the store is allocated on first use."""
+        if self.index is None:
+            L, B, M, _ = self.kv.shape
+            self.index = self.kv.new_zeros(L, B, M, k_BTI.shape[-1])
+        end = self.lengths[layer_idx]
+        self.index[layer_idx, :, end - k_BTI.shape[1] : end] = k_BTI
+        return self.index[layer_idx, :, :end]
+
     def nbytes(self) -> int:
-        return self.kv.nbytes + self.pe.nbytes
+        return self.kv.nbytes + self.pe.nbytes + (0 if self.index is None else self.index.nbytes)
 
 
 class TransformersCache(DenseCache):
@@ -158,9 +173,24 @@ class TransformersCache(DenseCache):
         kv, pe = self.hf_cache.update(kv_BTC[:, None], pe_BTR[:, None], layer_idx)
         return kv[:, 0], pe[:, 0]
 
+    def index_keys(self, layer_idx: int, k_BTI: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3.2's indexer keys, in transformers' indexed cache layers (the config's layer_types)."""
+        return self.hf_cache.update_indexer(k_BTI, layer_idx)
+
 
 def as_latent_cache(cache):
     """The model's boundary: our caches pass through; a transformers Cache is wrapped once per forward."""
     if cache is None or isinstance(cache, CacheProtocol):
         return cache
     return TransformersCache(cache)
+
+
+def bytes_per_token(config, element_size: int = 2) -> dict[str, int]:
+    """Decode-cache bytes per token, summed over layers, by what is stored: MLA's latent (C + R per layer) and,
+    for DeepSeek-V3.2, the indexer's key (I per layer); element_size 2 = bf16."""
+    L = config.num_hidden_layers
+    out = {"mla_latent": L * (config.kv_lora_rank + config.qk_rope_head_dim) * element_size}
+    if config.indexer is not None:
+        out["indexer_keys"] = L * config.indexer.head_dim * element_size
+    out["total"] = sum(out.values())
+    return out

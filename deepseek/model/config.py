@@ -5,6 +5,9 @@ loads as is. Impossible values raise a ValueError naming the field and what is a
 
     config.routing       RoutingConfig: expert routing (deepseek/model/routing.py); config.json key "routing"
     config.compression   CompressionConfig: the hierarchical latent cache (deepseek/model/longctx); "compression"
+    config.indexer       IndexerConfig or None: DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2,
+                         deepseek/model/sparse.py); config.json keeps V3.2's own flat fields index_topk,
+                         index_n_heads, index_head_dim (model_type "deepseek_v32"), absent for V3
 
 Both are validated dataclasses. Checkpoints saved with the earlier flat keys (`routing_mode`, `kv_block_size`,
 ...) still load: R1Config(routing_mode="entropy") and R1Config(kv_window=64) fill the sub-configs.
@@ -128,6 +131,32 @@ class CompressionConfig:
                                  "(or exceed it)")  # fmt: skip
 
 
+@dataclass
+class IndexerConfig:
+    """DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer scores every past token for each query and
+    MLA attends to the `topk` best (deepseek/model/sparse.py). config.json: index_topk, index_n_heads,
+    index_head_dim, as DeepSeek-V3.2 writes them."""
+
+    topk: int = 2048  # tokens each query attends to
+    n_heads: int = 64  # indexer heads
+    head_dim: int = 128  # indexer query / key width (its first qk_rope_head_dim dims are rotary)
+
+    def __post_init__(self):
+        for name in ("topk", "n_heads", "head_dim"):
+            _positive_int("R1Config.indexer", name, getattr(self, name))
+
+    @classmethod
+    def from_flat(cls, index_topk, index_n_heads, index_head_dim) -> IndexerConfig | None:
+        """From DeepSeek-V3.2's config.json fields; None when none is given (a DeepSeek-V3 config)."""
+        given = {"topk": index_topk, "n_heads": index_n_heads, "head_dim": index_head_dim}
+        if all(v is None for v in given.values()):
+            return None
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def flat(self) -> dict:
+        return {"index_topk": self.topk, "index_n_heads": self.n_heads, "index_head_dim": self.head_dim}
+
+
 # the earlier flat config.json keys of the two sub-configs (still read; never written)
 FLAT_ROUTING = {f"routing_{f.name}": f.name for f in fields(RoutingConfig)}
 FLAT_COMPRESSION = {"kv_compress": "enabled", **{f"kv_{f.name}": f.name for f in fields(CompressionConfig)
@@ -204,6 +233,9 @@ class R1Config(PretrainedConfig):
         compression: CompressionConfig | dict | None = None,
         prefill_chunk: int = 1024,
         multimodal: dict | None = None,
+        index_topk: int | None = None,
+        index_n_heads: int | None = None,
+        index_head_dim: int | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -248,6 +280,12 @@ class R1Config(PretrainedConfig):
         self.prefill_chunk = prefill_chunk  # tokens per chunk in chunked prefill
         # the multimodal component's settings (deepseek/multimodal/lm.py, built by the SDK's R1Model); None: text only
         self.multimodal = dict(multimodal) if multimodal else None
+        # DeepSeek Sparse Attention (V3.2) from its flat config.json fields, or None (V3: dense MLA)
+        self.indexer = IndexerConfig.from_flat(index_topk, index_n_heads, index_head_dim)
+        if self.indexer is not None:  # what transformers' caches read to give each layer an indexer-key store
+            kwargs["layer_types"] = ["indexed_attention"] * num_hidden_layers
+            for derived in ("mlp_layer_types", "mlp_bias"):  # transformers' V3.2 writes these; derived here
+                kwargs.pop(derived, None)
         # build the MTP modules (False: a checkpoint without them); read from the earlier key `use_mtp`, which
         # transformers' GenerationConfig now takes for MTP speculative decoding, so it is never written
         self.build_mtp = kwargs.pop("build_mtp", kwargs.pop("use_mtp", True))
@@ -313,6 +351,21 @@ class R1Config(PretrainedConfig):
             raise ValueError(f"R1Config.hidden_act={self.hidden_act!r}; allowed: silu")
         _positive_int("R1Config", "prefill_chunk", self.prefill_chunk)
         self.validate_components()
+        self.validate_indexer()
+
+    def validate_indexer(self) -> None:
+        if self.indexer is None:
+            return
+        self.indexer.__post_init__()
+        if self.q_lora_rank is None:
+            raise ValueError("R1Config.indexer (DeepSeek-V3.2 sparse attention) reads the q_lora_rank latent: "
+                             "set q_lora_rank")  # fmt: skip
+        if self.indexer.head_dim < self.qk_rope_head_dim:
+            raise ValueError(f"R1Config.index_head_dim={self.indexer.head_dim} must be at least "
+                             f"qk_rope_head_dim={self.qk_rope_head_dim} (its rotary part)")  # fmt: skip
+        if self.compression.enabled or self.compression.learned:
+            raise ValueError("R1Config: the compressed latent cache and DeepSeek-V3.2 sparse attention both choose "
+                             "what a query reads; turn compression off for a model with index_topk")  # fmt: skip
 
     def validate_components(self) -> None:
         """The routing and compression settings, checked against this model (call after changing them)."""
@@ -351,6 +404,9 @@ class R1Config(PretrainedConfig):
     def to_dict(self) -> dict:
         d = super().to_dict()
         d["routing"], d["compression"] = asdict(self.routing), asdict(self.compression)
+        indexer = d.pop("indexer", None)
+        if indexer is not None:  # written flat, as DeepSeek-V3.2's config.json has them
+            d.update(self.indexer.flat())
         return d
 
     @property

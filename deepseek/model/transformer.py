@@ -18,6 +18,7 @@ from .config import R1Config
 from .moe import Experts, MoE, Router
 from .norm import MLP, RMSNorm
 from .rope import RotaryEmbedding
+from .sparse import indexer_parameters
 from .routing import adaptive_routing
 
 IGNORE = -100  # label of a position without loss (transformers' convention); the one home of the value
@@ -263,6 +264,7 @@ def active_parameters(config: R1Config, include_embeddings: bool = True) -> int:
         attn = D * config.q_lora_rank + config.q_lora_rank + config.q_lora_rank * H * qk
     attn += D * (config.kv_lora_rank + config.qk_rope_head_dim) + config.kv_lora_rank
     attn += config.kv_lora_rank * H * (config.qk_nope_head_dim + config.v_head_dim) + H * config.v_head_dim * D
+    attn += indexer_parameters(config)  # DeepSeek-V3.2's indexer runs for every token (0 for V3)
     norms = 2 * D
     expert = 3 * D * config.moe_intermediate_size
     total = 0
