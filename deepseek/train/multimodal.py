@@ -26,27 +26,47 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..model.transformer import IGNORE
 from ..multimodal.lm import PLACEHOLDERS
 
+# Training questions are composed (frame x noun x politeness) so that the LM learns "a question about the
+# item" rather than five strings; the held-out ("test") questions are phrasings none of them uses (tested by
+# word overlap, not only exact strings).
+_FRAMES = {
+    "image": ("Which {n} is this?", "What {n} is written here?", "Read the handwritten {n}.", "What {n} does the"
+              " picture show?", "Which {n} is in the image?", "Identify the {n} in the picture.", "What {n} do you"
+              " see?", "Look at the picture: which {n} is it?", "Name the {n} drawn here.", "Can you read this {n}?",
+              "Which {n} was written?", "What {n} is drawn on the page?"),
+    "audio": ("Which {n} is spoken?", "What {n} does the speaker say?", "Listen: which {n} is it?", "What {n} is in"
+              " this recording?", "Which {n} do you hear?", "Identify the spoken {n}.", "What {n} is said in the"
+              " audio?", "Name the {n} you hear.", "Which {n} does the voice say?", "Can you hear which {n} it is?",
+              "What {n} was pronounced?", "Transcribe the spoken {n}."),
+    "points": ("Which {n} is this 3D shape?", "What {n} does this point cloud show?", "Name the {n} of this 3D"
+               " model.", "What {n} is this object?", "Which {n} is this shape?", "Identify the {n} in the point"
+               " cloud.", "Which {n} does the 3D model form?", "What {n} is shaped by these points?", "Look at the"
+               " cloud: which {n} is it?", "Can you recognise this 3D {n}?", "What {n} is modelled here?",
+               "Which {n} has this geometry?"),
+}  # fmt: skip
+_NOUNS = ("digit", "number", "numeral")
+_POLITE = ("{q}", "Please answer: {q}", "{q} Answer with one digit.")
+
+
+def _compose(modality: str) -> tuple[str, ...]:
+    return tuple(p.format(q=f.format(n=n)) for f in _FRAMES[modality] for n in _NOUNS for p in _POLITE)
+
+
 QUESTIONS = {
-    "train": {
-        "image": ("Which digit is this?", "What number is written here?", "Read the handwritten digit.",
-                  "What digit does the picture show?", "Which number is in the image?"),
-        "audio": ("Which digit is spoken?", "What number does the speaker say?", "Listen: which digit is it?",
-                  "What digit is in this recording?", "Which number do you hear?"),
-        "points": ("Which digit is this 3D shape?", "What number does this point cloud show?",
-                   "Name the digit of this 3D model.", "What digit is this object?", "Which number is this shape?"),
-    },
+    "train": {m: _compose(m) for m in _FRAMES},
     "test": {
         "image": ("What is the digit in this image?", "Tell me which number this handwriting shows."),
         "audio": ("Which digit does this clip say?", "Tell me the number spoken here."),
         "points": ("Which digit do these 3D points form?", "Tell me the number this 3D scan shows."),
     },
-}  # fmt: skip
+}
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 REASONING = {"image": "The image shows the digit {d}.", "audio": "The clip says the digit {d}.",
              "points": "The shape is the digit {d}."}  # fmt: skip
@@ -61,12 +81,14 @@ class MultimodalRecipe:
     steps: int = 400
     media_batch: int = 24  # multimodal rows per step
     replay_batch: int = 6  # arithmetic SFT rows per step (keeps r1-tiny's arithmetic)
+    replay_weight: float = 1.0  # loss = media rows' mean + replay_weight x replay rows' mean (stage_loss)
     lm: str = "full"  # what of the LM trains: "full" | "lora" | "frozen" (projector-only)
     lr: float = 2e-3  # projectors (and LoRA)
     lm_lr: float = 2e-4  # the LM's weights when lm="full"
     warmup: int = 30
     lora_rank: int = 8
     lora_alpha: int = 16
+    image_views: int = 0  # augmented copies of each training image's features (augmented_views)
     span_dropout: float = 0.5  # chance that an item's span tokens are zeroed (the pooled slot is kept)
     points_per_glyph: int = 20
     points_per_cloud: int = 1024
@@ -112,6 +134,13 @@ class Features:
     pooled: torch.Tensor  # (n, C)
     digits: list[int]
 
+    @staticmethod
+    def cat(parts: list[Features]) -> Features:
+        N = max(p.tokens.shape[1] for p in parts)
+        return Features(torch.cat([F.pad(p.tokens, (0, 0, 0, N - p.tokens.shape[1])) for p in parts]),
+                        torch.cat([F.pad(p.mask, (0, N - p.mask.shape[1])) for p in parts]),
+                        torch.cat([p.pooled for p in parts]), [d for p in parts for d in p.digits])  # fmt: skip
+
 
 @torch.inference_mode()
 def encode_all(binding, modality: str, items: list, digits: list[int], batch: int = 128) -> Features:
@@ -125,6 +154,21 @@ def encode_all(binding, modality: str, items: list, digits: list[int], batch: in
     tokens = torch.cat([F.pad(o.tokens, (0, 0, 0, N - o.tokens.shape[1])) for o in outs])
     mask = torch.cat([F.pad(o.mask, (0, N - o.mask.shape[1])) for o in outs])
     return Features(tokens, mask, torch.cat([o.pooled for o in outs]), list(digits))
+
+
+def augmented_views(binding, images: list, digits: list[int], recipe: MultimodalRecipe) -> list[Features]:
+    """recipe.image_views augmented copies of the training images (the binding's own augmentation: affine,
+    stroke, 7-10 px resolution, contrast) encoded once each, so the projector and LM see varied features too."""
+    from ..multimodal.augment import aug_images
+
+    g = torch.Generator().manual_seed(recipe.seed + 17)
+    x_NHW = torch.from_numpy(np.stack(images)).float()
+    views = []
+    for _ in range(recipe.image_views):
+        aug_NCGG = torch.cat([aug_images(x_NHW[i : i + 512], g, binding.cfg.image_grid)
+                              for i in range(0, len(x_NHW), 512)])  # fmt: skip
+        views.append(encode_all(binding, "image", list(aug_NCGG.permute(0, 2, 3, 1).numpy()), digits))
+    return views
 
 
 def media_messages(modality: str, question: str, digit: int | None, media_first: bool = True) -> list[dict]:
@@ -199,6 +243,24 @@ def splice_features(model, ids_BT: torch.Tensor, feats: dict[str, tuple], span_d
     return x_BTD
 
 
+def stage_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, n_media: int, replay_weight: float) -> torch.Tensor:
+    """Mean next-token loss of the media rows (the first n_media) + replay_weight x that of the replay rows.
+
+    Each part is averaged over its own tokens: one mean over the whole batch would let the long arithmetic traces
+    (hundreds of tokens a row) drown the two digit tokens a media reply turns on."""
+    ce_BT = F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1).float(), labels_BT[:, 1:].flatten(), ignore_index=IGNORE,
+                            reduction="none").view(labels_BT.shape[0], -1)  # fmt: skip
+    valid_BT = (labels_BT[:, 1:] != IGNORE).float()
+
+    def part(rows: slice) -> torch.Tensor:
+        return (ce_BT[rows] * valid_BT[rows]).sum() / valid_BT[rows].sum().clamp(min=1)
+
+    loss = part(slice(0, n_media))
+    if n_media < labels_BT.shape[0]:
+        loss = loss + replay_weight * part(slice(n_media, None))
+    return loss
+
+
 def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
     from transformers import AutoTokenizer
 
@@ -230,6 +292,8 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
             keep = sorted(random.Random(recipe.seed).sample(range(len(items)), min(recipe.train_items, len(items))))
             items, digits = [items[i] for i in keep], [digits[i] for i in keep]
         feats[m] = encode_all(adapter.binding, m, items, digits)
+        if m == "image" and recipe.image_views:
+            feats[m] = Features.cat([feats[m]] + augmented_views(adapter.binding, items, digits, recipe))
         if progress:
             print(f"[mm] encoded {len(items)} training {m} items in {time.perf_counter() - t0:.0f} s", flush=True)
     seconds_features = time.perf_counter() - t0
@@ -275,7 +339,7 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
         ids, labels = pad_right(batch_rows, pad)
         f = {m: (feats[m].tokens[js], feats[m].mask[js], feats[m].pooled[js]) for m, js in picks.items() if js}
         embeds = splice_features(model, ids, f, recipe.span_dropout, g)
-        loss = model(inputs_embeds=embeds, labels=labels).loss
+        loss = stage_loss(model(inputs_embeds=embeds).logits, labels, len(rows), recipe.replay_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -297,7 +361,8 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
     record = {"recipe": asdict(recipe), "loss_first": log[0], "loss_last25": sum(log[-25:]) / len(log[-25:]),
               "seconds": {"features": round(seconds_features, 1), "train": round(seconds_train, 1),
                           "total": round(time.perf_counter() - t_start, 1)},
-              "trainable_parameters": sum(p.numel() for p in trainable), "out": str(final)}  # fmt: skip
+              "trainable_parameters": sum(p.numel() for p in trainable), "out": str(final),
+              "training_features": {m: len(f.digits) for m, f in feats.items()}}  # fmt: skip
     if progress:
         print("[mm] evaluating the LM's answers on held-out media", flush=True)
     record["eval"] = evaluate_answers(model, tok, recipe)

@@ -4,20 +4,23 @@ that loads as a multimodal R1Model with its processor, and reports the held-out 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from deepseek import R1Model
 from deepseek.multimodal.processor import R1Processor
-from deepseek.train.multimodal import QUESTIONS, MultimodalRecipe, train_multimodal
+from deepseek.model.transformer import IGNORE
+from deepseek.train.multimodal import QUESTIONS, MultimodalRecipe, stage_loss, train_multimodal
 
 
 def test_stage_trains_saves_and_evaluates(tmp_path):
     recipe = MultimodalRecipe(out_dir=str(tmp_path / "run"), steps=4, warmup=1, media_batch=4, replay_batch=1,
                               train_items=24, eval_items=6, points_per_glyph=1, points_per_cloud=256,
-                              modalities=("image", "points"))  # fmt: skip
+                              modalities=("image", "points"), image_views=1)  # fmt: skip
     record = train_multimodal(recipe, progress=False)
+    assert record["training_features"] == {"image": 48, "points": 24}  # clean + one augmented view of each image
     assert torch.isfinite(torch.tensor(record["loss_last25"])) and record["trainable_parameters"] > 0
     final = tmp_path / "run" / "final"
     model = R1Model.from_pretrained(final)
@@ -50,5 +53,30 @@ def test_projector_only_keeps_the_lm_and_lora_merges(tmp_path, lm):
 
 
 def test_train_and_test_questions_are_disjoint():
+    """Not only exact strings: no training question shares more than 2/3 of its words with a held-out one."""
+
+    def words(s):
+        return set(re.findall(r"[a-z0-9]+", s.lower()))
+
     for m in ("image", "audio", "points"):
+        assert len(set(QUESTIONS["train"][m])) >= 100
         assert not set(QUESTIONS["train"][m]) & set(QUESTIONS["test"][m])
+        for t in QUESTIONS["test"][m]:
+            for q in QUESTIONS["train"][m]:
+                overlap = len(words(q) & words(t)) / len(words(q) | words(t))
+                assert overlap < 2 / 3, (m, t, q, overlap)
+
+
+def test_stage_loss_averages_media_and_replay_rows_separately():
+    """A long replay row must not drown a short media reply: each part is a mean over its own tokens."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 40, 11)
+    labels = torch.full((2, 40), IGNORE)
+    labels[0, 5:8] = torch.tensor([1, 2, 3])  # a media reply: 3 tokens
+    labels[1, 1:40] = torch.randint(0, 11, (39,))  # a replay row: 39 tokens
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE,
+                                           reduction="none")  # fmt: skip
+    media = ce[0][labels[0, 1:] != IGNORE].mean()
+    replay = ce[1][labels[1, 1:] != IGNORE].mean()
+    assert torch.allclose(stage_loss(logits, labels, 1, 0.5), media + 0.5 * replay)
+    assert torch.allclose(stage_loss(logits[:1], labels[:1], 1, 0.5), media)  # no replay rows
