@@ -4,6 +4,7 @@
     model = R1Model.from_pretrained("deepseek/r1-base")
     model.finetune(dataset="custom_data", epochs=5)
     out = model.generate(ids_BT, attention_mask=mask_BT, max_new_tokens=64)   # transformers-style call
+    out = model.generate(ids_BT, max_new_tokens=64, use_mtp=True)             # MTP speculative decoding (greedy)
     reply = model.chat([{"role": "user", "content": "What is 48 + 27?"}])    # reply.answer, reply.reasoning
 
 A checkpoint whose config has a "multimodal" section also takes images, audio and 3D points (encoders and
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 # generation settings the loop implements; any other that differs from transformers' default goes to GenerationMixin
 LOOP_SETTINGS = {"max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-                 "pad_token_id", "bos_token_id", "use_cache", "decoder_start_token_id"}  # fmt: skip
+                 "pad_token_id", "bos_token_id", "use_cache", "decoder_start_token_id", "use_mtp"}  # fmt: skip
 LOOP_INPUTS = {"attention_mask", "use_cache", "media"}
 
 
@@ -88,20 +89,21 @@ class R1Model(R1ForCausalLM):
 
     def chat(self, messages, max_new_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, seed: int | None = None, tokenizer=None, response_format=None,
-             tools=None, tool_choice="required"):  # fmt: skip
+             tools=None, tool_choice="required", use_mtp: bool | None = None):  # fmt: skip
         """One assistant turn for `messages` (a string, or OpenAI-style messages whose content may hold parts
         {"type": "text" | "image" | "audio" | "points", ...}). Returns deepseek.chat.Reply (reasoning, answer).
         Unset sampling settings come from the model's generation_config.json.
         response_format (a pydantic model class or a JSON schema dict): returns the validated object / dict;
         tools (OpenAI tool dicts or pydantic classes): returns [ToolCall]; both decode under a grammar
-        (deepseek/structured_chat.py)."""
+        (deepseek/structured_chat.py). use_mtp: MTP speculative decoding (greedy; default: generation_config.use_mtp)."""
         import time
 
         from .chat import Reply, split_reasoning
-        from .generation.defaults import sampling_defaults
+        from .generation.defaults import sampling_defaults, use_mtp_default
         from .generation.loop import generate
 
         d = sampling_defaults(self)
+        use_mtp = use_mtp_default(self) if use_mtp is None else use_mtp
         tok = tokenizer if tokenizer is not None else self.tokenizer()
         structured = None
         if response_format is not None or tools:
@@ -126,7 +128,8 @@ class R1Model(R1ForCausalLM):
                        temperature=d.temperature if temperature is None else temperature,
                        top_p=d.top_p if top_p is None else top_p, eos_token_id=tok.eos_token_id, seed=seed,
                        inputs_embeds=embeds,
-                       grammars=None if structured is None else [structured.start(ids[0].tolist(), out_len)])  # fmt: skip
+                       grammars=None if structured is None else [structured.start(ids[0].tolist(), out_len)],
+                       use_mtp=use_mtp)  # fmt: skip
         tokens = [t for t in out.new_tokens[0] if t != tok.eos_token_id]
         reasoning, answer = split_reasoning(tok.decode(tokens, skip_special_tokens=True))
         seconds = time.perf_counter() - t0
@@ -172,7 +175,7 @@ class R1Model(R1ForCausalLM):
         out = generate(self, input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new,
                        temperature=config.temperature if config.do_sample else 0.0, top_p=config.top_p,
                        top_k=config.top_k or 0, eos_token_id=eos_list, pad_token_id=pad, on_token=on_token,
-                       inputs_embeds=embeds)  # fmt: skip
+                       inputs_embeds=embeds, use_mtp=bool(config.use_mtp))  # fmt: skip
         if streamer is not None:
             streamer.end()
         return out.sequences

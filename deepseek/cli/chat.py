@@ -18,7 +18,7 @@ import sys
 from deepseek.chat import ChatSession
 from deepseek.loading import DEFAULT_MODEL
 
-from .sampling import add_sampling_arguments, check_sampling_arguments, resolve_sampling
+from .sampling import add_sampling_arguments, check_sampling_arguments, resolve_sampling, resolve_use_mtp
 
 HELP = ("commands: /image PATH, /audio PATH, /points PATH (attach to the next message), /reset (clear the "
         "conversation), /exit (quit); Ctrl-C stops a reply, Ctrl-D quits")
@@ -60,7 +60,8 @@ def run(args) -> int:
     d = resolve_sampling(args, model)
     color = {"auto": None, "always": True, "never": False}[args.color]
     session = ChatSession(model, tok, color=color, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
-                          top_p=d.top_p, seed=args.seed, system=args.system)  # fmt: skip
+                          top_p=d.top_p, seed=args.seed, system=args.system,
+                          use_mtp=resolve_use_mtp(args, model))  # fmt: skip
     if args.prompt is not None:
         session.send(args.prompt, media)
         return 0

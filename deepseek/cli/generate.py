@@ -11,7 +11,7 @@ import time
 from deepseek.chat import THINK_CLOSE, THINK_OPEN
 from deepseek.loading import DEFAULT_MODEL
 
-from .sampling import add_sampling_arguments, check_sampling_arguments, resolve_sampling
+from .sampling import add_sampling_arguments, check_sampling_arguments, resolve_sampling, resolve_use_mtp
 
 
 def add_parser(sub) -> None:
@@ -61,7 +61,8 @@ def run(args) -> int:
 
     t = time.perf_counter()
     out = generate(model, ids, max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
-                   eos_token_id=tok.eos_token_id, seed=args.seed, on_token=on_token)  # fmt: skip
+                   eos_token_id=tok.eos_token_id, seed=args.seed, on_token=on_token,
+                   use_mtp=resolve_use_mtp(args, model))  # fmt: skip
     show(final=True)
     n = len(out.new_tokens[0])
     cut = f"cut at --max-new-tokens {d.max_new_tokens} (finish_reason length), " if out.finish_reasons[0] == "length" else ""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def add_sampling_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's generation config")
@@ -10,6 +12,9 @@ def add_sampling_arguments(p) -> None:
                    help="0 = greedy; default: the model's generation config (greedy for the bundled models)")  # fmt: skip
     p.add_argument("--top-p", type=float, default=None, help="default: the model's generation config")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
+    p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
+                   help="speculative decoding with the model's MTP layer drafting (greedy only; same tokens, "
+                        "faster); default: the model's generation config (use_mtp)")  # fmt: skip
 
 
 def check_sampling_arguments(args) -> None:
@@ -31,3 +36,10 @@ def resolve_sampling(args, model):
     given = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
                                ("max_new_tokens", args.max_new_tokens)) if v is not None}  # fmt: skip
     return replace(sampling_defaults(model), **given)
+
+
+def resolve_use_mtp(args, model) -> bool:
+    """--mtp / --no-mtp, else the model's generation_config.use_mtp (the SDK's default too)."""
+    from deepseek.generation.defaults import use_mtp_default
+
+    return use_mtp_default(model) if args.mtp is None else args.mtp

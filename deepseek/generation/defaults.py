@@ -4,7 +4,8 @@ the playground.
     d = sampling_defaults(model)        # SamplingDefaults(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=512)
 
 A model folder without generation_config.json gets transformers' defaults for it: greedy (do_sample false).
-temperature 0 means greedy everywhere in this project.
+temperature 0 means greedy everywhere in this project. `use_mtp_default(model)`: whether greedy decoding
+drafts with the MTP layer (transformers' GenerationConfig.use_mtp; unset = no).
 """
 
 from __future__ import annotations
@@ -39,3 +40,8 @@ def sampling_defaults(model) -> SamplingDefaults:
         return SamplingDefaults(0.0, 1.0, 0, int(gc.max_new_tokens or FALLBACK_MAX_NEW_TOKENS))
     return SamplingDefaults(float(get("temperature")), float(get("top_p")), int(get("top_k") or 0),
                             int(gc.max_new_tokens or FALLBACK_MAX_NEW_TOKENS))  # fmt: skip
+
+
+def use_mtp_default(model) -> bool:
+    """generation_config.use_mtp: speculative decoding with the MTP layer (deepseek/generation/speculative.py)."""
+    return bool(getattr(model.generation_config, "use_mtp", None))

@@ -7,7 +7,8 @@ Legend: B batch, T prompt tokens, S cached positions, V vocab.
     out.sequences, out.new_tokens, out.finish_reasons, out.decode_tokens_per_second
 
 Every caller generates through this loop: `R1Model.generate` (deepseek/sdk.py), chat, evaluation, GRPO
-rollouts, long-context evaluation. The serving engine shares its `sample` and schedules its own batches.
+rollouts, long-context evaluation; `use_mtp=True` hands greedy decoding to the MTP speculative loop
+(speculative.py: same output, fewer main-model forwards). The serving engine shares its `sample` and schedules its own batches.
 Prompts are left-padded; positions count real tokens only (as transformers' generate does). Decode steps use
 the absorbed MLA form, so each step reads the C + R latent per cached position and the active experts only.
 """
@@ -93,6 +94,7 @@ def generate(
     progress: bool = False,
     inputs_embeds: torch.Tensor | None = None,
     grammars: list | None = None,
+    use_mtp: bool = False,
 ) -> GenerateOutput:
     """Generate up to max_new_tokens per row. `on_token(step, tokens_B)` is called after every step (for
     streaming); returning True stops generation (e.g. Ctrl-C or a disconnected client).
@@ -101,7 +103,14 @@ def generate(
     pad_token_id: what a finished row holds in `sequences` after its stop token (default: the first eos).
     inputs_embeds: (B, T, D) embeddings of `input_ids` to prefill with instead (media spliced at placeholders);
     `input_ids` still gives the returned sequences.
-    grammars: per row, a GrammarState (deepseek.generation.constrained) whose mask constrains that row, or None."""
+    grammars: per row, a GrammarState (deepseek.generation.constrained) whose mask constrains that row, or None.
+    use_mtp: speculative decoding with the model's MTP layer drafting (greedy only; generation/speculative.py)."""
+    if use_mtp:
+        from .speculative import generate_speculative
+
+        return generate_speculative(model, input_ids, attention_mask, max_new_tokens, temperature, eos_token_id,
+                                    pad_token_id, on_token, cache=cache, prefill_chunk=prefill_chunk,
+                                    inputs_embeds=inputs_embeds, grammars=grammars)  # fmt: skip
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
