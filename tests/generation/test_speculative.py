@@ -143,3 +143,20 @@ def test_cli_flag_and_generation_config_share_one_default(tiny):
         assert resolve_use_mtp(p.parse_args(["--no-mtp"]), model) is False
     finally:
         model.generation_config.use_mtp = None
+
+
+def test_benchmark_prompts_are_disjoint_from_everything_the_mtp_trained_on():
+    """The MTP layer trained with the pretrain and SFT stages (mtp_loss_weight 0.3; GRPO passes 0): the prompts
+    benchmarks/speculative.py times are held-out evaluation prompts minus every one of those."""
+    import importlib.util
+    from pathlib import Path
+
+    from deepseek.train.recipe import recipe, training_prompts
+
+    path = Path(__file__).parents[2] / "benchmarks" / "speculative.py"
+    spec = importlib.util.spec_from_file_location("bench_speculative", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    exs = bench.held_out_prompts(3)
+    assert len(exs) == 3 * len(bench.WORKLOAD) and all(ex["seed"] == bench.EVAL_SEED for ex in exs)
+    assert not {ex["prompt"] for ex in exs} & training_prompts(recipe("r1-tiny"))
