@@ -17,6 +17,7 @@ from deepseek.model.cache import LatentCache, bytes_per_token
 
 V32_JSON = helpers.DATA / "deepseek_v32_config.json"
 TOPK = 6  # below the 14-token prompt: the indexer's choice matters from the first layer on
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
 
 
 def tiny_v32(topk: int = TOPK, **overrides) -> R1Config:
