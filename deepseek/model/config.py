@@ -280,6 +280,10 @@ class R1Config(PretrainedConfig):
         self.prefill_chunk = prefill_chunk  # tokens per chunk in chunked prefill
         # the multimodal component's settings (deepseek/multimodal/lm.py, built by the SDK's R1Model); None: text only
         self.multimodal = dict(multimodal) if multimodal else None
+        v4_only = sorted({"hc_mult", "compress_ratios", "o_groups"} & set(kwargs))
+        if v4_only:  # before anything is built: a DeepSeek-V4 config would otherwise become a wrong V3 model
+            raise ValueError(f"R1Config: {', '.join(v4_only)} belong to a DeepSeek-V4 config; load it with "
+                             "deepseek.model.v4.V4ForCausalLM.from_pretrained")  # fmt: skip
         # DeepSeek Sparse Attention (V3.2) from its flat config.json fields, or None (V3: dense MLA)
         self.indexer = IndexerConfig.from_flat(index_topk, index_n_heads, index_head_dim)
         if self.indexer is not None:  # what transformers' caches read to give each layer an indexer-key store

@@ -78,15 +78,22 @@ def test_published_v4_configs_load_as_is():
     assert pro.attention_types.count("compressed_sparse_attention") == 30 and pro.o_groups == 16
     with pytest.raises(ValueError, match="num_key_value_heads"):
         V4Config(**tiny_kwargs(num_key_value_heads=2))
+    from deepseek import R1Config
+
+    with pytest.raises(ValueError, match=r"DeepSeek-V4 config; load it with deepseek\.model\.v4"):
+        R1Config(**raw(FLASH))  # the V3 loader refuses it at once, naming the class that reads it
 
 
-@pytest.mark.parametrize("path, published", [(FLASH, 284e9), (PRO, 1.573e12)])
-def test_published_v4_sizes_on_meta_match_transformers(path, published):
+@pytest.mark.parametrize("path, published, activated", [(FLASH, 284e9, 13e9), (PRO, 1.573e12, 49e9)])
+def test_published_v4_sizes_on_meta_match_transformers(path, published, activated):
     with torch.device("meta"):
-        ours = V4ForCausalLM(V4Config(**raw(path))).num_parameters()
+        model = V4ForCausalLM(V4Config(**raw(path)))
         theirs = DeepseekV4ForCausalLM(DeepseekV4Config(**raw(path))).num_parameters()
+    ours = model.num_parameters()
     assert ours == theirs  # Flash 284,332,230,231; Pro 1,572,997,179,491 (both without the MTP module)
     assert abs(ours - published) / published < 0.002
+    active = model.num_parameters(active=True)  # Flash 13.8B, Pro 49.8B (published: 13B, 49B activated)
+    assert activated < active < activated + 1e9, active
 
 
 def test_logits_match_transformers_on_padded_batch(pair):

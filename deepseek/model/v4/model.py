@@ -364,8 +364,14 @@ class V4ForCausalLM(nn.Module):
         """Logits (B, T, V)."""
         return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache).last_hidden_state)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, active: bool = False) -> int:
+        """Total parameters, or with active=True those one token uses (its num_experts_per_tok routed experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        c = self.config
+        idle = (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+        return total - c.num_hidden_layers * idle
 
     def reset_rotary(self) -> None:
         """Recompute the rotary tables (they are not stored; a model built on the meta device needs them)."""
