@@ -10,7 +10,10 @@ on (`held_out_prompts`; tests/generation/test_speculative.py checks the two sets
 answered to its end-of-turn token (or --max-new-tokens). Both paths are warmed up, then alternate per
 prompt (A B, then B A in the next round) for --rounds rounds over all prompts; tokens/s = generated tokens /
 wall time of the whole calls (prefill included), per round and path; medians and min-max are reported with the drafts' acceptance rate, whether
-every round's tokens were identical, and the load average at start and end. Prints a table, then one JSON line.
+every round's tokens were identical, and the load average at start and end. Then the fastest cost of the
+forwards one step is made of (one-token main forward, two-token main forward, MTP layer), which bound the
+speedup: at 100% acceptance one draft gives at most 2 x main_1_token / (main_2_tokens + mtp_2_tokens).
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -58,6 +61,41 @@ def one(model, ids, max_new_tokens, eos, use_mtp, draft_tokens):
     return out.new_tokens[0], seconds, out.stats.get("drafted", 0), out.stats.get("accepted", 0)
 
 
+def step_costs(model, ids, reps: int = 300) -> dict[str, float]:
+    """Fastest ms (min over interleaved reps: on a loaded machine the median mostly measures preemption) of the
+    three forwards a step is made of, after a prompt: plain decoding's one-token main forward, the speculative
+    step's two-token main forward (verify + next logits) and its MTP-layer call."""
+    from deepseek.generation.loop import decode_one_token
+    from deepseek.model.cache import LatentCache
+
+    T = ids.shape[1]
+    cache = LatentCache(model.config, 1, T + 2)
+    mtp_cache = LatentCache(model.config, 1, T + 2, layers=1)
+    with torch.inference_mode():
+        out = model.model(input_ids=ids, cache=cache)
+        h_1TD = out.hidden_states[0]
+        cos, sin = model.model.rotary_emb(torch.arange(T)[None], h_1TD.dtype)
+        model.mtp[0](h_1TD, ids, cos, sin, None, mtp_cache)
+        mtp_cache.crop(T - 2)
+        cos2, sin2 = cos[:, -2:], sin[:, -2:]
+        pos = torch.tensor([[T, T + 1]])
+        calls = {
+            "main_1_token": lambda: decode_one_token(model, ids[:, -1], None, pos[:, 0], cache),
+            "main_2_tokens": lambda: model.lm_head(model.model(input_ids=ids[:, -2:], position_ids=pos,
+                                                               cache=cache).last_hidden_state),
+            "mtp_2_tokens": lambda: model.mtp[0](h_1TD[:, -2:], ids[:, -2:], cos2, sin2, None, mtp_cache),
+        }  # fmt: skip
+        times = {k: [] for k in calls}
+        for _ in range(reps):
+            for k, f in calls.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+                cache.crop(T)
+                mtp_cache.crop(T - 2)
+    return {k: min(v) * 1e3 for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="deepseek/r1-tiny")
@@ -96,6 +134,8 @@ def main() -> None:
         for name in rates:
             rates[name].append(tokens[name] / seconds[name])
         print(f"round {r + 1}: plain {rates['plain'][-1]:.1f} tok/s, mtp {rates['mtp'][-1]:.1f} tok/s")
+    costs = step_costs(model, prompts[0])
+    ceiling = 2 * costs["main_1_token"] / (costs["main_2_tokens"] + costs["mtp_2_tokens"])
     load_end = os.getloadavg()
     tokens = sum(len(o) for o in reference.values())
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -108,12 +148,15 @@ def main() -> None:
         print(f"| {k} | {med[k]:.1f} [{min(v):.1f}-{max(v):.1f}] |")
     print(f"speedup median {statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}], acceptance "
           f"{acceptance:.3f}, identical tokens: {identical}, load {load_start[0]:.2f} -> {load_end[0]:.2f}")  # fmt: skip
+    print("step costs, fastest ms: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()) +
+          f"; ceiling at 100% acceptance, 1 draft: 2 x main_1_token / (main_2_tokens + mtp_2_tokens) = {ceiling:.2f}x")  # fmt: skip
     print(json.dumps({
         "hardware": f"{platform.machine()}, {args.threads} thread(s)", "model": args.model, "prompts": len(prompts),
         "tokens_per_round": tokens, "rounds": args.rounds, "draft_tokens": args.draft_tokens,
         "plain_tok_s": round(med["plain"], 1), "mtp_tok_s": round(med["mtp"], 1),
         "speedup": round(statistics.median(ratios), 3), "speedup_min": round(min(ratios), 3),
         "speedup_max": round(max(ratios), 3), "acceptance": round(acceptance, 4), "identical": identical,
+        "step_ms": {k: round(v, 3) for k, v in costs.items()}, "ceiling_1_draft": round(ceiling, 3),
         "load_at_start": [round(x, 2) for x in load_start], "load_at_end": [round(x, 2) for x in load_end],
     }))  # fmt: skip
 
