@@ -39,6 +39,7 @@ def test_published_v32_config_loads_as_is_and_saves_as_v32(tmp_path):
     assert (config.indexer.topk, config.indexer.n_heads, config.indexer.head_dim) == (2048, 64, 128)
     assert config.kv_lora_rank == 512 and config.rope_parameters["factor"] == 40
     config.save_pretrained(tmp_path / "again")
+    assert R1Config.from_pretrained(tmp_path / "again").indexer == config.indexer
     from deepseek.compat.checkpoint import hf_config_dict
 
     written = hf_config_dict(config)

@@ -16,7 +16,7 @@ SCORING = ("sqrtsoftplus", "sigmoid", "softmax")
 
 
 class V4Config(PretrainedConfig):
-    model_type = "deepseek_v4_ours"
+    model_type = "deepseek_v4_ours"  # never written: config.json says "deepseek_v4" (compat/v4.hf_config_dict_v4)
 
     def __init__(self, vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048, num_hidden_layers=43,
                  num_attention_heads=64, num_key_value_heads=1, head_dim=512, q_lora_rank=1024,
