@@ -34,7 +34,10 @@ from ..model.transformer import build_mask
 from .loop import GenerateOutput, _stop_ids
 from .sampling import MIN_TEMPERATURE
 
-DRAFT_TOKENS = 1  # drafts per step (the default); more re-apply the one MTP layer to its own hidden state
+# drafts per step (the default): the first from the MTP layer, each further one from the same layer re-applied to
+# its own hidden state. 3 is fastest for the bundled r1-tiny, whose MTP layer was trained that way
+# (train/mtp_distill.py): benchmarks/speculative.py, docs/decode.md
+DRAFT_TOKENS = 3
 
 
 def check_speculative(model, temperature: float = 0.0) -> None:
@@ -77,9 +80,13 @@ def generate_speculative(
         raise ValueError(f"speculative decoding does not take {given} (a static cache, unchunked text prompts, no "
                          "grammar); decode without use_mtp")  # fmt: skip
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}"
+        )
     if max_new_tokens < 0 or draft_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 0 and draft_tokens >= 1, got {max_new_tokens}, {draft_tokens}")
+        raise ValueError(
+            f"max_new_tokens must be >= 0 and draft_tokens >= 1, got {max_new_tokens}, {draft_tokens}"
+        )
     B, T = input_ids.shape
     K = draft_tokens
     device = input_ids.device
@@ -92,7 +99,9 @@ def generate_speculative(
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
     position_BT = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     # slot s of either cache: the prompt's mask, then real tokens; mask(L) covers slots < L (None: no padding)
-    full_mask_BS = torch.cat((attention_mask.long(), attention_mask.new_ones(B, S_max - T, dtype=torch.long)), 1)
+    full_mask_BS = torch.cat(
+        (attention_mask.long(), attention_mask.new_ones(B, S_max - T, dtype=torch.long)), 1
+    )
 
     def mask(L: int):
         return full_mask_BS[:, :L] if padded else None
@@ -153,7 +162,9 @@ def generate_speculative(
     while not over:
         S = cache.get_seq_length()
         pos_BK1 = p_B[:, None] + steps
-        logits_BK1V, h_BK1D = _main_forward(model, torch.cat((x_B[:, None], d_BK), 1), pos_BK1, mask(S + K + 1), cache)
+        logits_BK1V, h_BK1D = _main_forward(
+            model, torch.cat((x_B[:, None], d_BK), 1), pos_BK1, mask(S + K + 1), cache
+        )
         y_BK1 = logits_BK1V.argmax(-1)
         match_BK = (y_BK1[:, :K] == d_BK) | done[:, None]
         a = int(match_BK.all(0).long().cumprod(0).sum())  # drafts every unfinished row accepts
@@ -173,4 +184,6 @@ def generate_speculative(
     t2 = time.perf_counter()
     stats["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
     gen = torch.stack(tokens_out, dim=1) if tokens_out else input_ids.new_zeros(B, 0)
-    return GenerateOutput(torch.cat((input_ids, gen), dim=1), new_tokens, finish, t1 - t0, t2 - t1, cache, stats)
+    return GenerateOutput(
+        torch.cat((input_ids, gen), dim=1), new_tokens, finish, t1 - t0, t2 - t1, cache, stats
+    )

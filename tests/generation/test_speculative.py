@@ -23,7 +23,9 @@ def tiny():
 
 
 def prompts(tok, n=1):
-    exs = get_task("addition").generate(n, seed=12345, difficulty=2) + get_task("countdown").generate(n, seed=12345)
+    exs = get_task("addition").generate(n, seed=12345, difficulty=2) + get_task("countdown").generate(
+        n, seed=12345
+    )
     exs += get_task("multiplication").generate(n, seed=12345, difficulty=2)
     return [torch.tensor([chat_prompt_ids(tok, ex)]) for ex in exs]
 
@@ -38,7 +40,9 @@ def test_greedy_tokens_equal_plain_decoding_to_eos(tiny):
     for ids in prompts(tok)[:2]:  # addition and countdown: both stop at eos
         plain = generate(model, ids, max_new_tokens=200, eos_token_id=tok.eos_token_id)
         for k in (1, 2):
-            spec = generate_speculative(model, ids, max_new_tokens=200, eos_token_id=tok.eos_token_id, draft_tokens=k)
+            spec = generate_speculative(
+                model, ids, max_new_tokens=200, eos_token_id=tok.eos_token_id, draft_tokens=k
+            )
             same(spec, plain)
         assert plain.finish_reasons == ["stop"] and spec.stats["acceptance"] > 0.5
 
@@ -77,16 +81,18 @@ def mtp_replay(model, seq_1S, T):
     out = model.model(input_ids=seq_1S)
     S = seq_1S.shape[1]
     cos, sin = model.model.rotary_emb(torch.arange(S - 1)[None], torch.float32)
-    logits, _ = model.mtp[0](out.hidden_states[0][:, :-1], seq_1S[:, 1:], cos, sin, build_mask(None, 1, S - 1, 0, "cpu"))
+    logits, _ = model.mtp[0](
+        out.hidden_states[0][:, :-1], seq_1S[:, 1:], cos, sin, build_mask(None, 1, S - 1, 0, "cpu")
+    )
     return {i + 2: int(t) for i, t in enumerate(logits[0].argmax(-1)) if i + 2 >= T + 1}
 
 
 def test_acceptance_is_counted_as_an_independent_replay_predicts(tiny):
     """K=1: after prefill the draft is for T+1; a kept draft moves the next one 2 on, a rejected one 1 on."""
     model, tok = tiny
-    ids = prompts(tok, 2)[3]  # a countdown prompt: a few drafts are rejected
+    ids = prompts(tok, 3)[5]  # a countdown prompt: a few drafts are rejected
     T = ids.shape[1]
-    spec = generate_speculative(model, ids, max_new_tokens=80)
+    spec = generate_speculative(model, ids, max_new_tokens=80, draft_tokens=1)
     with torch.inference_mode():
         draft = mtp_replay(model, spec.sequences, T)
     seq = spec.sequences[0].tolist()
@@ -107,7 +113,9 @@ def test_cache_after_rollbacks_equals_plain_decoding(tiny):
         plain = generate(model, ids, max_new_tokens=40)
         spec = generate_speculative(model, ids, max_new_tokens=40, draft_tokens=k)
         n = plain.cache.get_seq_length()
-        assert spec.cache.lengths == plain.cache.lengths == [ids.shape[1] + 39] * model.config.num_hidden_layers
+        assert (
+            spec.cache.lengths == plain.cache.lengths == [ids.shape[1] + 39] * model.config.num_hidden_layers
+        )
         torch.testing.assert_close(spec.cache.kv[:, :, :n], plain.cache.kv[:, :, :n], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(spec.cache.pe[:, :, :n], plain.cache.pe[:, :, :n], atol=1e-5, rtol=1e-4)
 
@@ -146,11 +154,13 @@ def test_cli_flag_and_generation_config_share_one_default(tiny):
 
 
 def test_benchmark_prompts_are_disjoint_from_everything_the_mtp_trained_on():
-    """The MTP layer trained with the pretrain and SFT stages (mtp_loss_weight 0.3; GRPO passes 0): the prompts
-    benchmarks/speculative.py times are held-out evaluation prompts minus every one of those."""
+    """The MTP layer trained with the pretrain and SFT stages (mtp_loss_weight 0.3; GRPO passes 0), then alone on
+    r1-tiny's completions for SFT prompts (train/mtp_distill.py): the prompts benchmarks/speculative.py times are
+    held-out evaluation prompts minus every one of those."""
     import importlib.util
     from pathlib import Path
 
+    from deepseek.train.mtp_distill import distill_examples
     from deepseek.train.recipe import recipe, training_prompts
 
     path = Path(__file__).parents[2] / "benchmarks" / "speculative.py"
@@ -159,4 +169,31 @@ def test_benchmark_prompts_are_disjoint_from_everything_the_mtp_trained_on():
     spec.loader.exec_module(bench)
     exs = bench.held_out_prompts(3)
     assert len(exs) == 3 * len(bench.WORKLOAD) and all(ex["seed"] == bench.EVAL_SEED for ex in exs)
-    assert not {ex["prompt"] for ex in exs} & training_prompts(recipe("r1-tiny"))
+    seen = training_prompts(recipe("r1-tiny"))
+    distilled = {ex["prompt"] for ex in distill_examples(256)}
+    assert distilled <= seen and not {ex["prompt"] for ex in exs} & seen
+
+
+def test_bundled_main_weights_are_the_grpo_stage_s_after_the_mtp_distillation(tiny):
+    """train/mtp_distill.py rewrote only model.layers.4.* (the MTP layer): every other tensor is byte-identical to
+    the GRPO-stage bundle (hash taken before the rewrite), and the main logits are the ones recorded then."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from deepseek.compat.checkpoint import resolve
+
+    model, _ = tiny
+    h = hashlib.sha256()
+    with safe_open(str(resolve("deepseek/r1-tiny") / "model.safetensors"), "pt") as f:
+        for k in sorted(f.keys()):
+            if not k.startswith(f"model.layers.{model.config.num_hidden_layers}."):
+                h.update(k.encode())
+                h.update(f.get_tensor(k).numpy().tobytes())
+    assert h.hexdigest() == "42508f85de7c1a214d5d3ae6bd461088aa22a1597c13e03b591822b3443cd5a5"
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([[0, 5, 77, 300, 12, 900, 41, 8]])).logits
+    expected = [-1.0444494485855103, -3.3458564281463623, -1.5373574495315552, -1.268547534942627,
+                -1.3431562185287476, -1.4658430814743042]  # fmt: skip
+    torch.testing.assert_close(logits[0, -1, :6], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert float(logits.sum()) == pytest.approx(-24246.962890625, rel=1e-5)
