@@ -116,6 +116,8 @@ def load_pretrained(cls, name_or_path, config: R1Config | None = None, dtype=Non
     overrides.pop("trust_remote_code", None)
     if config is None:  # from the dict: a "deepseek_v3" config.json is ours to read (no model-type warning)
         config_dict, _ = R1Config.get_config_dict(str(path))
+        if config_dict.get("model_type") == "deepseek_v2":  # V2 / V2-Lite / V2.5 / Coder-V2: softmax scores
+            config_dict = {"scoring_func": "softmax", "norm_topk_prob": False, **config_dict}
         config = R1Config.from_dict({**{k: v for k, v in config_dict.items() if k != "model_type"}, **overrides})
     config._name_or_path = str(path)  # where the weights came from (the SDK finds the tokenizer there)
     dtype = dtype or torch_dtype
@@ -312,7 +314,9 @@ def hf_config_dict(config: R1Config) -> dict:
     transformers, vLLM, SGLang and llama.cpp's converter read it unchanged; this project's own settings stay
     under their own keys ("routing", "compression", ...), which those tools ignore."""
     d = config.to_dict()
-    if config.indexer is None:
+    if config.scoring_func == "softmax" and config.indexer is None:  # DeepSeek-V2's routing: its own model type
+        d.update(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"])
+    elif config.indexer is None:
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
     else:  # DeepSeek Sparse Attention: DeepSeek-V3.2's own config (index_topk, index_n_heads, index_head_dim)
         d.update(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"])

@@ -54,7 +54,9 @@ class Router(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size, dtype=torch.float32))
-        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        # DeepSeek-V3's selection-only bias (noaux_tc); DeepSeek-V2's greedy methods have none (no checkpoint key)
+        bias = torch.zeros(E, dtype=torch.float32) if self.topk_method == "noaux_tc" else None
+        self.register_buffer("e_score_correction_bias", bias)
         self.adaptive = adaptive  # routing.AdaptiveRouting (variable k) or None (plain top-k)
 
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:

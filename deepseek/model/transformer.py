@@ -78,7 +78,8 @@ class R1PreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
         elif isinstance(module, Router):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-            nn.init.zeros_(module.e_score_correction_bias)
+            if module.e_score_correction_bias is not None:
+                nn.init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, Experts):
             nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
             nn.init.normal_(module.down_proj, mean=0.0, std=std)

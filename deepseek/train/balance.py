@@ -87,8 +87,8 @@ def update_router_bias(layers: list[MoE], counts: list[torch.Tensor], gamma: flo
             continue
         mean = load_E.mean()
         violations.append(float(load_E.max() / mean - 1))
-        if gamma > 0:
-            bias = layer.gate.e_score_correction_bias
+        bias = layer.gate.e_score_correction_bias  # None: a DeepSeek-V2 router (no bias to balance with)
+        if gamma > 0 and bias is not None:
             bias += gamma * torch.sign(mean - load_E).to(bias.device, bias.dtype)
     return {"max_violation": sum(violations) / len(violations) if violations else 0.0}
 
