@@ -2,15 +2,15 @@
 
     python benchmarks/speculative.py                  # 12 held-out chat prompts, 4 rounds (~2-3 minutes on 2 cores)
     python benchmarks/speculative.py --quick          # 4 prompts, 3 rounds
-    python benchmarks/speculative.py --draft-tokens 2 # two MTP drafts per step
+    python benchmarks/speculative.py --draft-tokens 1 # one MTP draft per step (default: the model's config)
 
 The workload: chat prompts from the held-out evaluation sets (deepseek/tasks with the evaluation seed, 12345:
 3-digit addition and subtraction, 2-digit multiplication, countdown), minus every prompt the recipe trained
 on (`held_out_prompts`; tests/generation/test_speculative.py checks the two sets are disjoint). Each prompt is
 answered to its end-of-turn token (or --max-new-tokens). Both paths are warmed up, then alternate per
 prompt (A B, then B A in the next round) for --rounds rounds over all prompts; tokens/s = generated tokens /
-wall time of the whole calls (prefill included), per round and path; medians and min-max are reported with the drafts' acceptance rate, whether
-every round's tokens were identical, and the load average at start and end. Then the fastest cost of the
+wall time of the whole calls (prefill included), per round and path; medians and min-max are reported with
+the drafts' acceptance rate, whether every round's tokens were identical, and the load average at start and end. Then the fastest cost of the
 forwards one step is made of (one-token main forward, two-token main forward, MTP layer), which bound the
 speedup: at 100% acceptance one draft gives at most 2 x main_1_token / (main_2_tokens + mtp_2_tokens).
 Prints a table, then one JSON line.
@@ -28,8 +28,9 @@ import time
 import torch
 
 from deepseek.chat import chat_prompt_ids
+from deepseek.generation.defaults import mtp_draft_tokens
 from deepseek.generation.loop import generate
-from deepseek.generation.speculative import DRAFT_TOKENS, generate_speculative
+from deepseek.generation.speculative import generate_speculative
 from deepseek.loading import load_model_and_tokenizer
 from deepseek.tasks import get_task
 from deepseek.train.recipe import recipe, training_prompts
@@ -102,7 +103,7 @@ def main() -> None:
     ap.add_argument("--per-task", type=int, default=3, help="held-out prompts per task (4 tasks)")
     ap.add_argument("--rounds", type=int, default=None, help="default 4 (3 with --quick)")
     ap.add_argument("--max-new-tokens", type=int, default=400)
-    ap.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS)
+    ap.add_argument("--draft-tokens", type=int, default=None, help="default: the model's generation config")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny model: one is fastest)")
     ap.add_argument("--quick", action="store_true", help="1 prompt per task, 3 rounds")
     args = ap.parse_args()
@@ -112,6 +113,7 @@ def main() -> None:
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model)
+    args.draft_tokens = args.draft_tokens or mtp_draft_tokens(model)
     exs = held_out_prompts(args.per_task)
     prompts = [torch.tensor([chat_prompt_ids(tok, ex)]) for ex in exs]
     eos = tok.eos_token_id

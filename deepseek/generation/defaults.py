@@ -5,13 +5,18 @@ the playground.
 
 A model folder without generation_config.json gets transformers' defaults for it: greedy (do_sample false).
 temperature 0 means greedy everywhere in this project. `use_mtp_default(model)`: whether greedy decoding
-drafts with the MTP layer (transformers' GenerationConfig.use_mtp; unset = no).
+drafts with the MTP layer (transformers' GenerationConfig.use_mtp; unset = no); `mtp_draft_tokens(model)`: how
+many drafts per step (the config's `mtp_draft_tokens`, else MTP_DRAFT_TOKENS).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# drafts per speculative step when the generation config names none: one, all an MTP layer trained at depth 1
+# (mtp_loss) drafts well; the bundled r1-tiny's layer was also trained re-applied (train/mtp_distill.py) and its
+# generation_config.json says 3 (docs/decode.md)
+MTP_DRAFT_TOKENS = 1
 FALLBACK_MAX_NEW_TOKENS = 512  # when the generation config names neither max_new_tokens nor a usable max_length
 
 
@@ -45,3 +50,8 @@ def sampling_defaults(model) -> SamplingDefaults:
 def use_mtp_default(model) -> bool:
     """generation_config.use_mtp: speculative decoding with the MTP layer (deepseek/generation/speculative.py)."""
     return bool(getattr(model.generation_config, "use_mtp", None))
+
+
+def mtp_draft_tokens(model) -> int:
+    """Drafts per speculative step: generation_config.mtp_draft_tokens, else MTP_DRAFT_TOKENS."""
+    return int(getattr(model.generation_config, "mtp_draft_tokens", None) or MTP_DRAFT_TOKENS)

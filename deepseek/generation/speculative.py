@@ -7,7 +7,7 @@ Legend: B batch, T prompt tokens, D hidden, V vocab, p the position of the last 
 
 State before a step: token x at position p is accepted but not yet in the main cache (which holds positions < p);
 the MTP layer has read (h_{p-1}, x) into its own one-layer cache (also positions < p) and drafted d_1 for p + 1;
-with draft_tokens K > 1 it is applied again to its own hidden state for d_2 .. d_K. One step:
+with draft_tokens K > 1 (the model's generation config says how many: generation/defaults.py) it is applied again to its own hidden state for d_2 .. d_K. One step:
 
 1. one main forward over [x, d_1 .. d_K] at positions p .. p + K: its logits l_{p+j} verify d_{j+1}, and the
    logits after the last kept draft are the next step's;
@@ -31,13 +31,9 @@ import torch
 
 from ..model.cache import LatentCache
 from ..model.transformer import build_mask
+from .defaults import mtp_draft_tokens
 from .loop import GenerateOutput, _stop_ids
 from .sampling import MIN_TEMPERATURE
-
-# drafts per step (the default): the first from the MTP layer, each further one from the same layer re-applied to
-# its own hidden state. 3 is fastest for the bundled r1-tiny, whose MTP layer was trained that way
-# (train/mtp_distill.py): benchmarks/speculative.py, docs/decode.md
-DRAFT_TOKENS = 3
 
 
 def check_speculative(model, temperature: float = 0.0) -> None:
@@ -67,14 +63,16 @@ def generate_speculative(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     on_token: Callable[[int, torch.Tensor], bool | None] | None = None,
-    draft_tokens: int = DRAFT_TOKENS,
+    draft_tokens: int | None = None,
     **unsupported,
 ) -> GenerateOutput:
     """Greedy generation with MTP drafts; same arguments and output as generation.loop.generate, plus
     out.stats = {"steps", "drafted", "accepted", "acceptance"} (main forwards after prefill, drafts verified,
     drafts kept, their ratio). on_token(step, tokens_B) is called once per emitted token.
-    draft_tokens: drafts per step; beyond the first the MTP layer is applied again to its own hidden state."""
+    draft_tokens: drafts per step (default: the model's generation config, generation/defaults.py); beyond the
+    first the MTP layer is applied again to its own hidden state."""
     check_speculative(model, temperature)
+    draft_tokens = mtp_draft_tokens(model) if draft_tokens is None else draft_tokens
     given = sorted(k for k, v in unsupported.items() if v is not None)
     if given:
         raise ValueError(f"speculative decoding does not take {given} (a static cache, unchunked text prompts, no "

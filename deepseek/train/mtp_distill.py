@@ -1,4 +1,4 @@
-"""Train only the MTP layer (main model frozen) for speculative decoding with two drafts per step.
+"""Train only the MTP layer (main model frozen) for speculative decoding with several drafts per step.
 
     python -m deepseek.train.mtp_distill --out runs/mtp-distill --threads 1   # ~4 minutes on a 2-core CPU
     python -m deepseek.train.mtp_distill --out runs/mtp-distill --write-bundled   # then into deepseek/bundled/r1-tiny
@@ -7,7 +7,8 @@ Self-distillation: r1-tiny's own greedy completions for prompts of the recipe's 
 them in `training_prompts`, so disjoint from the held-out prompts benchmarks/speculative.py times). Two losses:
 depth 1 as trained before (h_i, t_{i+1} -> t_{i+2}), and depth 2 the way speculative.py drafts a second token:
 the same layer re-applied to its own hidden g_i with t_{i+2}, at position i + 1, attending to the depth-1
-entries up to i and to itself (the mask below), predicting t_{i+3}.
+entries up to i and to itself (the mask below), predicting t_{i+3}. After --write-bundled, r1-tiny's
+generation_config.json names how many drafts per step to use (`mtp_draft_tokens`, docs/decode.md).
 
 Legend: B sequences, L tokens, n = L - 1 depth-1 entries, m = n - 1 depth-2 entries, D hidden.
 """

@@ -139,8 +139,11 @@ def test_cli_flag_and_generation_config_share_one_default(tiny):
     import argparse
 
     from deepseek.cli.sampling import add_sampling_arguments, resolve_use_mtp
+    from deepseek.generation.defaults import MTP_DRAFT_TOKENS, mtp_draft_tokens
 
     model, _ = tiny
+    assert mtp_draft_tokens(model) == 3 and MTP_DRAFT_TOKENS == 1  # r1-tiny's MTP layer was trained for 3
+    assert mtp_draft_tokens(random_model(tiny_config(num_nextn_predict_layers=1))) == 1
     p = argparse.ArgumentParser()
     add_sampling_arguments(p)
     assert resolve_use_mtp(p.parse_args([]), model) is False  # the bundled generation_config leaves it unset
