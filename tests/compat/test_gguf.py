@@ -45,7 +45,9 @@ def test_r1_tiny_converts_to_gguf_holding_our_weights(tmp_path):
     lc = llamacpp()
     model = R1ForCausalLM.from_pretrained("deepseek/r1-tiny")
     model.save_pretrained(tmp_path / "ckpt")
-    AutoTokenizer.from_pretrained(str(ROOT / "deepseek" / "bundled" / "r1-tiny")).save_pretrained(tmp_path / "ckpt")
+    AutoTokenizer.from_pretrained(str(ROOT / "deepseek" / "bundled" / "r1-tiny")).save_pretrained(
+        tmp_path / "ckpt"
+    )
     out = lc.convert(tmp_path / "ckpt", tmp_path / "r1-tiny.gguf", "f32")
     sys.path.insert(0, str(lc.source_dir() / "gguf-py"))
     import gguf
@@ -64,13 +66,17 @@ def test_r1_tiny_converts_to_gguf_holding_our_weights(tmp_path):
     t = {x.name: torch.from_numpy(x.data.copy()) for x in reader.tensors}
     sd = model.state_dict()
     assert torch.equal(t["token_embd.weight"], sd["model.embed_tokens.weight"])
-    assert torch.equal(t["blk.0.attn_kv_a_mqa.weight"], sd["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"])
+    assert torch.equal(
+        t["blk.0.attn_kv_a_mqa.weight"], sd["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    )
     layer = next(i for i in range(c.num_hidden_layers) if i >= c.first_k_dense_replace)
     gate_up = sd[f"model.layers.{layer}.mlp.experts.gate_up_proj"]  # (E, 2I, D)
     I = c.moe_intermediate_size
     assert torch.equal(t[f"blk.{layer}.ffn_gate_exps.weight"], gate_up[:, :I])
     assert torch.equal(t[f"blk.{layer}.ffn_up_exps.weight"], gate_up[:, I:])
-    assert torch.equal(t[f"blk.{layer}.exp_probs_b.bias"], sd[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"])
+    assert torch.equal(
+        t[f"blk.{layer}.exp_probs_b.bias"], sd[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"]
+    )
     # MLA's kv_b_proj is split per head into k_b (H, C, N: transposed) and v_b (H, V, C) for absorbed attention
     H, N, V = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
     kv_b = sd["model.layers.0.self_attn.kv_b_proj.weight"].view(H, N + V, c.kv_lora_rank)

@@ -20,8 +20,16 @@ V2_ROUTING = {  # DeepSeek-V2 / V2.5 (group-limited, q-LoRA) and V2-Lite / Coder
 
 def v2_model(name: str) -> R1ForCausalLM:
     kw = dict(V2_ROUTING[name])
-    return random_model(tiny_config(q_lora=kw.pop("q_lora", True), groups=kw.pop("groups", True),
-                                    scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.5, **kw))
+    return random_model(
+        tiny_config(
+            q_lora=kw.pop("q_lora", True),
+            groups=kw.pop("groups", True),
+            scoring_func="softmax",
+            norm_topk_prob=False,
+            routed_scaling_factor=1.5,
+            **kw,
+        )
+    )
 
 
 def to_hf_v2(model: R1ForCausalLM, path) -> DeepseekV2ForCausalLM:
