@@ -7,7 +7,8 @@ Legend: B batch, T prompt tokens, D hidden, V vocab, p the position of the last 
 
 State before a step: token x at position p is accepted but not yet in the main cache (which holds positions < p);
 the MTP layer has read (h_{p-1}, x) into its own one-layer cache (also positions < p) and drafted d_1 for p + 1;
-with draft_tokens K > 1 (the model's generation config says how many: generation/defaults.py) it is applied again to its own hidden state for d_2 .. d_K. One step:
+with draft_tokens K > 1 (the model's generation config says how many: generation/defaults.py) it is applied
+again to its own hidden state for d_2 .. d_K. One step:
 
 1. one main forward over [x, d_1 .. d_K] at positions p .. p + K: its logits l_{p+j} verify d_{j+1}, and the
    logits after the last kept draft are the next step's;
@@ -178,7 +179,7 @@ def generate_speculative(
         cache.crop(S + a + 1)
         x_B, p_B = y_BK1[:, a], p_B + a + 1
         d_BK = draft(h_BK1D[:, : a + 1], y_BK1[:, : a + 1], pos_BK1[:, : a + 1])
-    cache.crop(T + len(tokens_out) - 1)  # as plain decoding leaves it: every token but the last one read
+    cache.crop(T + max(len(tokens_out) - 1, 0))  # as plain decoding leaves it: every token but the last one read
     t2 = time.perf_counter()
     stats["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
     gen = torch.stack(tokens_out, dim=1) if tokens_out else input_ids.new_zeros(B, 0)
