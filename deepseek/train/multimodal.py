@@ -78,7 +78,7 @@ class MultimodalRecipe:
     binding: str = "deepseek/bundled/multimodal-bind"  # trained encoders (benchmarks/multimodal.py)
     out_dir: str = "runs/r1-tiny-mm"
     tokens_per_item: int = 8
-    steps: int = 400
+    steps: int = 800
     media_batch: int = 24  # multimodal rows per step
     replay_batch: int = 6  # arithmetic SFT rows per step (keeps r1-tiny's arithmetic)
     replay_weight: float = 1.0  # loss = media rows' mean + replay_weight x replay rows' mean (stage_loss)
@@ -88,7 +88,7 @@ class MultimodalRecipe:
     warmup: int = 30
     lora_rank: int = 8
     lora_alpha: int = 16
-    image_views: int = 0  # augmented copies of each training image's features (augmented_views)
+    image_views: int = 2  # augmented copies of each training image's features (augmented_views)
     span_dropout: float = 0.5  # chance that an item's span tokens are zeroed (the pooled slot is kept)
     points_per_glyph: int = 20
     points_per_cloud: int = 1024

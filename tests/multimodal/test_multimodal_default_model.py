@@ -42,7 +42,7 @@ def test_answers_held_out_point_clouds(loaded):
     items = [data.glyph_points(f, d, 1024, rng) for f in fonts for d in range(10)]
     digits = [d for _ in fonts for d in range(10)]
     acc = lm_answer_accuracy(model, tok, "points", items, digits)["accuracy"]
-    assert acc >= 0.3, acc  # chance is 0.1; the full benchmark's figure is in docs/multimodal_lm.md
+    assert acc >= 0.8, acc  # chance is 0.1; the full benchmark (300 items): 96.3%, docs/multimodal_lm.md
 
 
 def test_keeps_arithmetic(loaded):
