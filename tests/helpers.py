@@ -71,3 +71,13 @@ def padded_batch(vocab: int, seed: int = 0):
     mask[2, :9] = 0
     ids[mask == 0] = 2
     return ids, mask
+
+
+@torch.no_grad()
+def padded_logits(*models, vocab: int, seed: int = 0):
+    """Each model's logits on `padded_batch` (positions counted from each row's first real token), and the mask
+    of real positions: ([(B, T, V), ...], (B, T) bool)."""
+    ids, mask = padded_batch(vocab, seed)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return [m(ids, attention_mask=mask, position_ids=pos).logits for m in models], mask.bool()
+

@@ -18,8 +18,8 @@ from .config import R1Config
 from .moe import Experts, MoE, Router
 from .norm import MLP, RMSNorm
 from .rope import RotaryEmbedding
-from .sparse import indexer_parameters
 from .routing import adaptive_routing
+from .sparse import indexer_parameters
 
 IGNORE = -100  # label of a position without loss (transformers' convention); the one home of the value
 

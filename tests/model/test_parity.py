@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import padded_batch, random_model, tiny_config, to_transformers
+from helpers import padded_batch, padded_logits, random_model, tiny_config, to_transformers
 from transformers import DeepseekV3ForCausalLM
 
 from deepseek import R1ForCausalLM
@@ -20,12 +20,7 @@ CONFIGS = {
 def test_logits_match_transformers_on_padded_batch(name, tmp_path):
     model = random_model(tiny_config(**CONFIGS[name]))
     hf = to_transformers(model, tmp_path)
-    ids, mask = padded_batch(model.config.vocab_size)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=pos).logits
-        theirs = hf(ids, attention_mask=mask, position_ids=pos).logits
-    real = mask.bool()
+    (ours, theirs), real = padded_logits(model, hf, vocab=model.config.vocab_size)
     assert ours.abs().max() > 0.5  # logits are not trivially small
     assert (ours[real] - theirs[real]).abs().max().item() < 1e-4
 

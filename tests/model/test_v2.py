@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import DATA, padded_batch, random_model, tiny_config
+from helpers import DATA, padded_batch, padded_logits, random_model, tiny_config
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from deepseek import R1Config, R1ForCausalLM
@@ -46,12 +46,7 @@ def test_v2_logits_match_transformers_on_padded_batch(name, tmp_path):
     assert json.loads(model.save_pretrained(tmp_path / "ours").joinpath("config.json").read_text())["model_type"] \
         == "deepseek_v2"  # fmt: skip
     hf = to_hf_v2(model, tmp_path / "ours")
-    ids, mask = padded_batch(model.config.vocab_size)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=pos).logits
-        theirs = hf(ids, attention_mask=mask, position_ids=pos).logits
-    real = mask.bool()
+    (ours, theirs), real = padded_logits(model, hf, vocab=model.config.vocab_size)
     assert ours.abs().max() > 0.5
     assert (ours[real] - theirs[real]).abs().max().item() < 1e-4
 

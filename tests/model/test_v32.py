@@ -6,7 +6,7 @@ import json
 import helpers
 import pytest
 import torch
-from helpers import padded_batch, random_model, tiny_config
+from helpers import padded_batch, padded_logits, random_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
@@ -74,13 +74,8 @@ def test_published_v32_on_meta_matches_transformers_count():
 def test_logits_match_transformers_on_padded_batch(tmp_path):
     model = random_model(tiny_v32(yarn=True))
     hf = to_transformers(model, tmp_path)
-    ids, mask = padded_batch(model.config.vocab_size)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        ours = model(ids, attention_mask=mask, position_ids=pos).logits
-        theirs = hf(ids, attention_mask=mask, position_ids=pos).logits
-        dense = random_model(tiny_v32(topk=64, yarn=True))(ids, attention_mask=mask, position_ids=pos).logits
-    real = mask.bool()
+    dense_model = random_model(tiny_v32(topk=64, yarn=True))
+    (ours, theirs, dense), real = padded_logits(model, hf, dense_model, vocab=model.config.vocab_size)
     assert ours.abs().max() > 0.5
     assert (ours[real] - theirs[real]).abs().max().item() < 1e-4  # measured 1.5e-6
     assert (ours[real] - dense[real]).abs().max().item() > 0.1  # the selection changed what was attended

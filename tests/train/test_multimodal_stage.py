@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from deepseek import R1Model
-from deepseek.multimodal.processor import R1Processor
 from deepseek.model.transformer import IGNORE
+from deepseek.multimodal.processor import R1Processor
 from deepseek.train.multimodal import QUESTIONS, MultimodalRecipe, stage_loss, train_multimodal
 
 
