@@ -39,7 +39,7 @@ from deepseek.multimodal import (
     mel_filterbank,
 )
 from deepseek.multimodal.audio import frontend, pad_mels
-from deepseek.multimodal.augment import U, aug_images
+from deepseek.multimodal.augment import U, aug_images, aug_mels
 from deepseek.multimodal.points import normalise_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,30 +103,6 @@ class Data:
         if mod == "points":
             return torch.stack([normalise_points(p) for p in self.pts["test"][0]]), self.pts["test"][1]
         return [t for t, _ in self.text["test"]], torch.tensor([y for _, y in self.text["test"]])
-
-
-def aug_mels(mels, g, cfg):
-    """Log-mel augmentation of the raw (un-front-ended) clips: time stretch, frequency warp (vocal tract
-    length), spectral tilt and ripple, a band limit (as from an 8 kHz recording) 30% of the time, a noise
-    floor; then the encoder's own front end (floor, trim, lifter, mean normalisation) and padding."""
-    out = []
-    for m in mels:
-        M, T = m.shape
-        t2 = max(8, int(T * float(U(g, 1, 0.75, 1.3))))
-        m = F.interpolate(m[None, None], size=(M, t2), mode="bilinear", align_corners=False)[0, 0]
-        w = float(U(g, 1, 0.85, 1.15))
-        src = (torch.arange(M) * w).clamp(max=M - 1)
-        lo = src.floor().long()
-        frac = (src - lo)[:, None]
-        m = m[lo] * (1 - frac) + m[(lo + 1).clamp(max=M - 1)] * frac
-        k = torch.linspace(-1, 1, M)[:, None]
-        m = m + float(U(g, 1, -3, 3)) * k + float(U(g, 1, -1, 1)) * torch.sin(k * float(U(g, 1, 2, 8)) + float(U(g, 1, 0, 6)))
-        if torch.rand(1, generator=g) < 0.3:
-            m[int(M * float(U(g, 1, 0.625, 0.94))):] = m.min()
-        floor = m.max() - float(U(g, 1, 6, 14))
-        m = torch.logaddexp(m, floor + 0.5 * torch.randn(m.shape, generator=g))
-        out.append(frontend(m, cfg))
-    return pad_mels(out)
 
 
 def aug_points(p_BS6, g):

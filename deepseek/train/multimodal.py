@@ -89,6 +89,7 @@ class MultimodalRecipe:
     lora_rank: int = 8
     lora_alpha: int = 16
     image_views: int = 2  # augmented copies of each training image's features (augmented_views)
+    audio_views: int = 0  # augmented copies of each training clip's features (augmented_audio_views)
     span_dropout: float = 0.5  # chance that an item's span tokens are zeroed (the pooled slot is kept)
     points_per_glyph: int = 20
     points_per_cloud: int = 1024
@@ -168,6 +169,27 @@ def augmented_views(binding, images: list, digits: list[int], recipe: Multimodal
         aug_NCGG = torch.cat([aug_images(x_NHW[i : i + 512], g, binding.cfg.image_grid)
                               for i in range(0, len(x_NHW), 512)])  # fmt: skip
         views.append(encode_all(binding, "image", list(aug_NCGG.permute(0, 2, 3, 1).numpy()), digits))
+    return views
+
+
+@torch.inference_mode()
+def augmented_audio_views(binding, clips: list, digits: list[int], recipe: MultimodalRecipe) -> list[Features]:
+    """recipe.audio_views augmented copies of the training clips' features: the binding's log-mel augmentation
+    (time stretch, vocal-tract warp, spectral tilt, band limit, noise floor) on each clip's raw log-mel, then the
+    encoder's own front end and trunk."""
+    from ..multimodal.audio import load_audio, log_mel
+    from ..multimodal.augment import aug_mels
+
+    enc = binding.encoders["audio"]
+    g = torch.Generator().manual_seed(recipe.seed + 29)
+    raw = [log_mel(load_audio(c, enc.cfg)[None], enc.fbank_MK, enc.cfg.n_fft, enc.cfg.hop)[0] for c in clips]
+    views = []
+    for _ in range(recipe.audio_views):
+        outs = [enc.forward_features(*aug_mels(raw[i : i + 128], g, enc.cfg)) for i in range(0, len(raw), 128)]
+        N = max(o.tokens.shape[1] for o in outs)
+        views.append(Features(torch.cat([F.pad(o.tokens, (0, 0, 0, N - o.tokens.shape[1])) for o in outs]),
+                              torch.cat([F.pad(o.mask, (0, N - o.mask.shape[1])) for o in outs]),
+                              torch.cat([o.pooled for o in outs]), list(digits)))  # fmt: skip
     return views
 
 
@@ -294,6 +316,8 @@ def train_multimodal(recipe: MultimodalRecipe, progress: bool = True) -> dict:
         feats[m] = encode_all(adapter.binding, m, items, digits)
         if m == "image" and recipe.image_views:
             feats[m] = Features.cat([feats[m]] + augmented_views(adapter.binding, items, digits, recipe))
+        if m == "audio" and recipe.audio_views:
+            feats[m] = Features.cat([feats[m]] + augmented_audio_views(adapter.binding, items, digits, recipe))
         if progress:
             print(f"[mm] encoded {len(items)} training {m} items in {time.perf_counter() - t0:.0f} s", flush=True)
     seconds_features = time.perf_counter() - t0

@@ -80,3 +80,25 @@ def test_stage_loss_averages_media_and_replay_rows_separately():
     replay = ce[1][labels[1, 1:] != IGNORE].mean()
     assert torch.allclose(stage_loss(logits, labels, 1, 0.5), media + 0.5 * replay)
     assert torch.allclose(stage_loss(logits[:1], labels[:1], 1, 0.5), media)  # no replay rows
+
+
+def test_augmented_views_are_new_features_of_the_same_items():
+    """Image and audio views: one Features per view, same digits, features unlike the clean ones."""
+    from mm_support import image, wav_bytes
+
+    from deepseek.multimodal.binding import BindingModel
+    from deepseek.train.multimodal import augmented_audio_views, augmented_views, encode_all, resolve_binding
+
+    recipe = MultimodalRecipe(image_views=2, audio_views=2)
+    binding = BindingModel.load(resolve_binding(recipe.binding))
+    with torch.inference_mode():
+        images = [image(s)[..., 0] for s in range(3)]
+        clips = [wav_bytes(0.5, 16000, f) for f in (300.0, 500.0, 700.0)]
+        for views, clean in ((augmented_views(binding, images, [1, 2, 3], recipe),
+                              encode_all(binding, "image", images, [1, 2, 3])),
+                             (augmented_audio_views(binding, clips, [1, 2, 3], recipe),
+                              encode_all(binding, "audio", clips, [1, 2, 3]))):  # fmt: skip
+            assert len(views) == 2 and all(v.digits == [1, 2, 3] for v in views)
+            assert all(v.pooled.shape == clean.pooled.shape for v in views)
+            assert all((v.pooled - clean.pooled).norm(dim=-1).min() > 1e-3 for v in views)
+            assert (views[0].pooled - views[1].pooled).norm(dim=-1).min() > 1e-3
