@@ -76,6 +76,17 @@ def _stop_ids(eos_token_id) -> set[int]:
     return {eos_token_id} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id}
 
 
+def check_request(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """One-line errors before any work (shared by plain and speculative decoding)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    T, limit = input_ids.shape[1], model.config.max_position_embeddings
+    if T + max_new_tokens > limit and model.config.rope_parameters["rope_type"] == "default":
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the context ({limit})")
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -111,15 +122,9 @@ def generate(
         return generate_speculative(model, input_ids, attention_mask, max_new_tokens, temperature, eos_token_id,
                                     pad_token_id, on_token, cache=cache, prefill_chunk=prefill_chunk,
                                     inputs_embeds=inputs_embeds, grammars=grammars)  # fmt: skip
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_request(model, input_ids, max_new_tokens)
     B, T = input_ids.shape
     device = input_ids.device
-    limit = model.config.max_position_embeddings
-    if T + max_new_tokens > limit and model.config.rope_parameters["rope_type"] == "default":
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the context ({limit})")
     padded = attention_mask is not None and not bool(attention_mask.all())
     if padded and prefill_chunk is not None:
         raise ValueError("chunked prefill takes rows of equal length (no left padding)")

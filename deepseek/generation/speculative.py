@@ -33,7 +33,7 @@ import torch
 from ..model.cache import LatentCache
 from ..model.transformer import build_mask
 from .defaults import mtp_draft_tokens
-from .loop import GenerateOutput, _stop_ids
+from .loop import GenerateOutput, _stop_ids, check_request
 from .sampling import MIN_TEMPERATURE
 
 
@@ -78,20 +78,12 @@ def generate_speculative(
     if given:
         raise ValueError(f"speculative decoding does not take {given} (a static cache, unchunked text prompts, no "
                          "grammar); decode without use_mtp")  # fmt: skip
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}"
-        )
-    if max_new_tokens < 0 or draft_tokens < 1:
-        raise ValueError(
-            f"max_new_tokens must be >= 0 and draft_tokens >= 1, got {max_new_tokens}, {draft_tokens}"
-        )
+    check_request(model, input_ids, max_new_tokens)
+    if draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
     B, T = input_ids.shape
     K = draft_tokens
     device = input_ids.device
-    limit = model.config.max_position_embeddings
-    if T + max_new_tokens > limit and model.config.rope_parameters["rope_type"] == "default":
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the context ({limit})")
     S_max = T + max_new_tokens + K  # the verify forward writes the drafts' latents before they are checked
     padded = attention_mask is not None and not bool(attention_mask.all())
     if attention_mask is None:

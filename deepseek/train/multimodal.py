@@ -136,11 +136,16 @@ class Features:
     digits: list[int]
 
     @staticmethod
+    def of(outs: list, digits: list[int]) -> Features:
+        """Encoder outputs (or Features) of successive chunks, token axes zero-padded to the longest."""
+        N = max(o.tokens.shape[1] for o in outs)
+        return Features(torch.cat([F.pad(o.tokens, (0, 0, 0, N - o.tokens.shape[1])) for o in outs]),
+                        torch.cat([F.pad(o.mask, (0, N - o.mask.shape[1])) for o in outs]),
+                        torch.cat([o.pooled for o in outs]), list(digits))  # fmt: skip
+
+    @staticmethod
     def cat(parts: list[Features]) -> Features:
-        N = max(p.tokens.shape[1] for p in parts)
-        return Features(torch.cat([F.pad(p.tokens, (0, 0, 0, N - p.tokens.shape[1])) for p in parts]),
-                        torch.cat([F.pad(p.mask, (0, N - p.mask.shape[1])) for p in parts]),
-                        torch.cat([p.pooled for p in parts]), [d for p in parts for d in p.digits])  # fmt: skip
+        return Features.of(parts, [d for p in parts for d in p.digits])
 
 
 @torch.inference_mode()
@@ -151,10 +156,7 @@ def encode_all(binding, modality: str, items: list, digits: list[int], batch: in
     for i in range(0, len(items), batch):
         chunk = [decode(modality, x, binding.cfg) for x in items[i : i + batch]]
         outs.append(binding.encode(modality, chunk))
-    N = max(o.tokens.shape[1] for o in outs)
-    tokens = torch.cat([F.pad(o.tokens, (0, 0, 0, N - o.tokens.shape[1])) for o in outs])
-    mask = torch.cat([F.pad(o.mask, (0, N - o.mask.shape[1])) for o in outs])
-    return Features(tokens, mask, torch.cat([o.pooled for o in outs]), list(digits))
+    return Features.of(outs, digits)
 
 
 def augmented_views(binding, images: list, digits: list[int], recipe: MultimodalRecipe) -> list[Features]:
@@ -186,10 +188,7 @@ def augmented_audio_views(binding, clips: list, digits: list[int], recipe: Multi
     views = []
     for _ in range(recipe.audio_views):
         outs = [enc.forward_features(*aug_mels(raw[i : i + 128], g, enc.cfg)) for i in range(0, len(raw), 128)]
-        N = max(o.tokens.shape[1] for o in outs)
-        views.append(Features(torch.cat([F.pad(o.tokens, (0, 0, 0, N - o.tokens.shape[1])) for o in outs]),
-                              torch.cat([F.pad(o.mask, (0, N - o.mask.shape[1])) for o in outs]),
-                              torch.cat([o.pooled for o in outs]), list(digits)))  # fmt: skip
+        views.append(Features.of(outs, digits))
     return views
 
 
