@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import IGNORE
+from .grad_sample import LinearGrads
 
 ACCOUNTANTS = ("prv", "rdp")
 PRIVACY_KEYS = ("epsilon", "delta", "max_grad_norm", "accountant")
@@ -185,9 +186,31 @@ def per_sample_grads(model: nn.Module, params: list[nn.Parameter], records: Reco
         yield i, flat, float(loss.detach())
 
 
-def clip(flat_P: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """flat * min(1, C / ||flat||): the clipped per-sample gradient (norm <= C)."""
-    return flat_P * (max_norm / (flat_P.norm() + 1e-6)).clamp(max=1.0)
+def sample_grads(model: nn.Module, params: list[nn.Parameter], records: Records, idx: list[int], pad_id: int,
+                 fast: LinearGrads | None, token_budget: int = 8192):  # fmt: skip
+    """Yield (grads (b, P), losses (b,)) for the records idx, in chunks: from batched forwards of at most
+    `token_budget` padded tokens when `fast` covers every parameter (grad_sample.py), else one record at a
+    time (per_sample_grads, the reference path)."""
+    if fast is None:
+        for _, flat, loss in per_sample_grads(model, params, records, idx):
+            yield flat[None], torch.tensor([loss])
+        return
+    order = sorted(idx, key=lambda i: records.ids[i].numel())  # similar lengths together: less padding
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * records.ids[order[end]].numel() <= token_budget:
+            end += 1
+        chunk = order[start:end]
+        ids, labels = pad_batch(records, chunk, pad_id)
+        grads_BP = fast.grads(lambda ids=ids, labels=labels: sequence_losses(model, ids, labels), *ids.shape)
+        yield grads_BP, fast.losses
+        start = end
+
+
+def clip(flat: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """flat * min(1, C / ||flat||) per row of a (P,) or (b, P) tensor: the clipped per-sample gradients."""
+    return flat * (max_norm / (flat.norm(dim=-1, keepdim=True) + 1e-6)).clamp(max=1.0)
 
 
 def noisy_mean(clipped_sum_P: torch.Tensor, sigma: float, max_norm: float, expected_batch: float,
@@ -232,6 +255,7 @@ class LoopConfig:
     seed: int = 0
     progress: bool = True
     eval_every: int = 0
+    batched_grads: bool = True  # DP: per-sequence grads from batched forwards when every target is nn.Linear
 
 
 @torch.no_grad()
@@ -264,6 +288,10 @@ def train_records(model: nn.Module, train: Records, val: Records | None, loop: L
     named = private_parameters(model, mtp_loss) if privacy is not None else [
         (n, p) for n, p in model.named_parameters() if p.requires_grad]  # fmt: skip
     params = [p for _, p in named]
+    fast = LinearGrads.of(model, params) if privacy is not None and loop.batched_grads else None
+    if fast is not None:  # prove it on two real records before trusting it
+        probe_ids, probe_labels = pad_batch(train, list(range(min(2, N))), pad_id)
+        fast = fast if fast.works(lambda: sequence_losses(model, probe_ids, probe_labels), *probe_ids.shape) else None
     g = torch.Generator().manual_seed(loop.seed)
     noise_g = torch.Generator().manual_seed(loop.seed + 7919)
     B = min(loop.batch_size, N)
@@ -282,10 +310,10 @@ def train_records(model: nn.Module, train: Records, val: Records | None, loop: L
             idx = torch.nonzero(torch.rand(N, generator=g) < q).flatten().tolist()  # Poisson sampling
             total = torch.zeros(sum(p.numel() for p in params))
             loss_sum, n_clipped = 0.0, 0
-            for _, flat, loss in per_sample_grads(model, params, train, idx):
-                n_clipped += int(flat.norm() > privacy.max_grad_norm)
-                total += clip(flat, privacy.max_grad_norm)
-                loss_sum += loss
+            for grads_BP, losses_B in sample_grads(model, params, train, idx, pad_id, fast):
+                n_clipped += int((grads_BP.norm(dim=1) > privacy.max_grad_norm).sum())
+                total += clip(grads_BP, privacy.max_grad_norm).sum(0)
+                loss_sum += float(losses_B.sum())
             grad = noisy_mean(total, sigma, privacy.max_grad_norm, q * N, noise_g)
             offset = 0
             for p in params:
@@ -330,5 +358,6 @@ def train_records(model: nn.Module, train: Records, val: Records | None, loop: L
                    noise_multiplier=sigma, sample_rate=q, max_grad_norm=privacy.max_grad_norm,
                    accountant=privacy.accountant, privacy_unit="sequence", sampling="poisson",
                    clipped_fraction=sum(clipped_frac) / len(clipped_frac),
+                   per_sample_gradients="batched (linear hooks)" if fast is not None else "per-record loop",
                    private_parameters=[n for n, _ in named])  # fmt: skip
     return out
