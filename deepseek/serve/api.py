@@ -232,6 +232,8 @@ def create_app(engine: Engine, billing: Billing | None = None, auth: bool = Fals
         server.metrics.queue_depth.set(load["waiting"])
         server.metrics.running.set(load["running"])
         server.metrics.free_slots.set(load["free_slots"])
+        for key, gauge in server.metrics.engine_stats.items():
+            gauge.set(engine.stats.get(key, 0))
         return Response(generate_latest(server.metrics.registry), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", responses=error_responses(401, 429))

@@ -8,13 +8,15 @@
     engine.close()
 
 A background thread runs steps, each schedule -> run -> postprocess: the scheduler ends cancelled / timed-out
-sequences and admits waiting ones into free cache slots; the runner prefills the admitted prompts and decodes
-all running sequences in one batch; postprocessing samples, turns tokens into text, checks stops and notifies
-listeners. `submit` is thread-safe; listeners are called on the engine thread and must not block.
+sequences and admits waiting ones into free cache slots; the runner prefills the admitted prompts (a prefix
+already in the prefix cache is copied in, not recomputed; the text prompts of a step go in one right-padded
+batch) and decodes all running sequences in one batch; postprocessing samples, turns tokens into text, checks
+stops and notifies listeners. `submit` is thread-safe; listeners are called on the engine thread and must not block.
 
 Isolation: whatever goes wrong with one sequence (its prefill, its sampling, its text) ends that sequence with
-finish_reason "error"; if the batched decode itself fails, each sequence is retried alone and only the ones that
-fail alone end. The cache commits a step only after its forward pass, so a retry starts from the same state.
+finish_reason "error"; if a batched prefill or the batched decode itself fails, each sequence is retried alone
+and only the ones that fail alone end. The cache commits a step only after its forward pass, so a retry starts
+from the same state.
 """
 
 from __future__ import annotations
@@ -46,10 +48,16 @@ class EngineConfig:
     prefill_token_budget: int = 2048  # prompt tokens prefilled per step (the first admitted always runs)
     default_timeout_s: float | None = 600.0
     idle_wait_s: float = 0.5  # an idle engine thread rechecks for work this often (submit wakes it at once)
+    prefix_cache_tokens: int = 8192  # latents of computed prompt prefixes kept for reuse (0: no prefix cache)
+    prefix_block_size: int = 16  # prefixes are matched in whole blocks of this many tokens
 
     def __post_init__(self):
         if self.max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.prefix_block_size < 1 or not (self.prefix_cache_tokens == 0
+                                              or self.prefix_cache_tokens >= self.prefix_block_size):  # fmt: skip
+            raise ValueError(f"prefix_cache_tokens must be 0 or >= prefix_block_size >= 1, got "
+                             f"{self.prefix_cache_tokens}, {self.prefix_block_size}")  # fmt: skip
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -62,14 +70,19 @@ class Engine:
         self.model_name = model_name
         ctx = model.config.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or min(ctx, self.config.default_max_model_len), ctx)
-        self.runner = ModelRunner(model, self.config.max_running, self.max_model_len)
-        self.scheduler = Scheduler(self.config.max_running, self.config.max_waiting, self.config.prefill_token_budget,
-                                   slots=self.runner.cache)  # fmt: skip
+        c = self.config
+        self.runner = ModelRunner(model, c.max_running, self.max_model_len, c.prefix_cache_tokens, c.prefix_block_size)
+        self.scheduler = Scheduler(c.max_running, c.max_waiting, c.prefill_token_budget, slots=self.runner.cache,
+                                   cost=self._prefill_cost)  # fmt: skip
         self.max_token_chars = _max_token_chars(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.skip_ids = self.eos_ids | {i for i in [getattr(tokenizer, "bos_token_id", None)] if i is not None}
+        # prefill_tokens: prompt tokens computed (prefix_hit_tokens of the prompts came from the prefix cache);
+        # prefill_forwards: prefill forward passes (batched or alone); prefix_lookups: prompts that could use
+        # the prefix cache, prefix_hits: those that did; prefix_cached_tokens: tokens held in the prefix cache
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "finished": 0, "last_batch": 0,
-                      "errors": 0}  # fmt: skip
+                      "errors": 0, "prefill_forwards": 0, "prefix_lookups": 0, "prefix_hits": 0,
+                      "prefix_hit_tokens": 0, "prefix_cached_tokens": 0}  # fmt: skip
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="deepseek-engine", daemon=True)
@@ -185,18 +198,10 @@ class Engine:
         self._postprocess(batch)
 
     def _run(self, plan) -> list[Sequence]:
-        """Forward passes: prefill each admitted prompt, decode the running sequences in one batch. Returns the
+        """Forward passes: prefill the admitted prompts, decode the running sequences in one batch. Returns the
         sequences that now have next-token logits, old running ones first (arrival order)."""
         runner = self.runner
-        for seq in plan.prefill:
-            try:
-                runner.prefill(seq)
-            except Exception as exc:
-                self._fail(seq, exc)
-                continue
-            self.stats["prefill_tokens"] += len(seq.prompt_ids)
-            if seq.params.max_tokens == 0:
-                self._finish(seq, "length")
+        self._prefill(plan.prefill)
         decode = [s for s in plan.decode if s.finish_reason is None]
         if decode:
             try:
@@ -209,6 +214,66 @@ class Engine:
                     except Exception as exc:
                         self._fail(seq, exc)
         return [s for s in decode + plan.prefill if s.finish_reason is None and s.pending_logits is not None]
+
+    def _prefill_cost(self, seq: Sequence) -> int:
+        """The scheduler's budget: prompt tokens to compute (an estimate: _prefill matches again, since sequences
+        ended before it may store and evict blocks)."""
+        blocks = self.runner.prefix_match(seq)
+        return len(seq.prompt_ids) - (self.runner.prefix.hit_length(seq.prompt_ids, blocks) if blocks else 0)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Copy each prompt's cached prefix into its slot, then prefill the rest: text prompts batched (groups
+        whose padded size fits the step's token budget), media / prompt_logprobs prompts alone (the reference
+        path: they need spliced embeddings or every position's logits). A failed batch is retried alone."""
+        runner, alone, text = self.runner, [], []
+        for seq in seqs:
+            try:
+                if runner.prefix is not None and not seq.media and seq.params.prompt_logprobs is None:
+                    self.stats["prefix_lookups"] += 1
+                    hit = runner.load_prefix(seq, runner.prefix_match(seq))
+                    self.stats["prefix_hits"] += hit > 0
+                    self.stats["prefix_hit_tokens"] += hit
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            (alone if seq.media or seq.params.prompt_logprobs is not None else text).append(seq)
+        for group in _pad_groups(text, [len(s.prompt_ids) - runner.cache.lengths[s.slot] for s in text],
+                                 self.config.prefill_token_budget):  # fmt: skip
+            computed = [len(s.prompt_ids) - runner.cache.lengths[s.slot] for s in group]
+            try:
+                runner.prefill_batch(group)
+            except Exception:  # find the culprit: each sequence alone (nothing was committed to the cache)
+                log.warning("batched prefill of %d sequences failed; retrying each alone", len(group))
+                alone += group
+                continue
+            self.stats["prefill_forwards"] += 1
+            for seq, n in zip(group, computed):
+                self._prefilled(seq, n)
+        for seq in alone:
+            n = len(seq.prompt_ids) - runner.cache.lengths[seq.slot]
+            try:
+                runner.prefill(seq)
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            self.stats["prefill_forwards"] += 1
+            self._prefilled(seq, n)
+
+    def _prefilled(self, seq: Sequence, computed: int) -> None:
+        self.stats["prefill_tokens"] += computed
+        self._store_prefix(seq, seq.prompt_ids)
+        if seq.params.max_tokens == 0:
+            self._finish(seq, "length")
+
+    def _store_prefix(self, seq: Sequence, ids: list[int]) -> None:
+        """Offer seq's computed tokens to the prefix cache; a failure here never fails the sequence."""
+        if self.runner.prefix is None:
+            return
+        try:
+            self.runner.store_prefix(seq, ids)
+        except Exception:
+            log.exception("prefix cache store failed (sequence %s)", seq.request_id)
+        self.stats["prefix_cached_tokens"] = self.runner.prefix.cached_tokens()
 
     def _postprocess(self, batch: list[Sequence]) -> None:
         """Sample one token per sequence, turn it into text, check stops, notify; a failure ends its sequence."""
@@ -253,6 +318,8 @@ class Engine:
         self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, last: Output | None = None) -> None:
+        if reason != "error" and seq.slot is not None and seq.output_ids:  # the next chat turn may start so
+            self._store_prefix(seq, seq.prompt_ids + seq.output_ids)  # (the slot holds all but the last token)
         self.scheduler.finish(seq)  # out of the queue / batch, cache slot freed
         seq.pending_logits = None
         if seq.finish_reason is not None:
@@ -276,6 +343,18 @@ class Engine:
                 fn(out)
             except Exception:  # a broken listener must not stop the engine
                 seq.cancelled = True
+
+
+def _pad_groups(seqs: list[Sequence], n_new: list[int], budget: int) -> list[list[Sequence]]:
+    """Split prompts into batches whose right-padded size (rows x longest) stays within budget (a longer
+    prompt goes alone), shortest first so that rows of like length share a batch."""
+    groups, group = [], []
+    for n, seq in sorted(zip(n_new, seqs), key=lambda p: p[0]):  # stable: arrival order among equals
+        if group and (len(group) + 1) * n > budget:
+            groups.append(group)
+            group = []
+        group.append(seq)
+    return groups + ([group] if group else [])
 
 
 def _max_token_chars(tokenizer) -> int:

@@ -7,7 +7,13 @@ The pool holds only the MLA latent (C + R numbers per token per layer). The engi
 request starts and frees it when the request ends (finished, cancelled, timed out, disconnected). A step over
 some running sequences uses a view under the latent-cache protocol (deepseek/model/cache.py; a dense cache:
 `update` stores and returns what to attend to, `get_seq_length`):
-- `PrefillView`: one sequence, T prompt tokens appended at its current length;
+- `PrefillView`: one sequence, T prompt tokens appended at its current length (the reference prefill path);
+- `BatchPrefillView`: B sequences, right-padded to T new tokens; row b appends its n_b tokens at its own
+  length start_b (0, or the length of a prefix copied in from the prefix cache). `update` writes only the
+  valid (unpadded) tokens into each row's own slot and returns the gathered (B, S, C) latent, S = max(end_b);
+  `mask_BTS` lets query t of row b see columns <= its position start_b + min(t, n_b - 1), so a real query
+  never sees padding or another row's columns, and a padded query repeats its row's last real one (no
+  all-masked row, no NaN); padded outputs are dropped;
 - `DecodeView`: B sequences of different lengths, one new token each. `update` writes each row's token at
   that row's own length and returns a gathered (B, S, C) latent in which row b holds its cached positions
   at [0, len_b) and its new token in the last column S - 1 = max(len); `attention_mask` (B, S) marks exactly
@@ -63,6 +69,18 @@ class SlotCache:
     def decode_view(self, slots: list[int]) -> DecodeView:
         return DecodeView(self, slots)
 
+    def batch_prefill_view(self, slots: list[int], n_new: list[int]) -> BatchPrefillView:
+        return BatchPrefillView(self, slots, n_new)
+
+    def write(self, slot: int, kv_LTC: torch.Tensor, pe_LTR: torch.Tensor) -> None:
+        """Put T already computed positions at the start of an empty slot (a prefix-cache hit) and commit them."""
+        T = kv_LTC.shape[1]
+        if self.lengths[slot] != 0 or T > self.max_len:
+            raise ValueError(f"SlotCache.write: slot {slot} holds {self.lengths[slot]} positions, or {T} > max_len")
+        self.kv_LNMC[:, slot, :T] = kv_LTC
+        self.pe_LNMR[:, slot, :T] = pe_LTR
+        self.lengths[slot] = T
+
 
 class PrefillView(DenseCache):
     """One slot as a batch-1 LatentCache: appends T tokens after the slot's current length."""
@@ -88,6 +106,49 @@ class PrefillView(DenseCache):
 
     def crop(self, length: int) -> None:
         self.pool.lengths[self.slot] = min(self.pool.lengths[self.slot], length)
+
+
+class BatchPrefillView(DenseCache):
+    """B slots, right-padded prompts: row b appends n_b tokens at its own length (see the module docstring)."""
+
+    def __init__(self, pool: SlotCache, slots: list[int], n_new: list[int]):
+        if min(n_new) < 1:
+            raise ValueError("BatchPrefillView: every row needs at least one new token")
+        self.pool, self.slots, self.n_new = pool, slots, n_new
+        self.starts = [pool.lengths[s] for s in slots]
+        ends = [a + n for a, n in zip(self.starts, n_new)]
+        if max(ends) > pool.max_len:
+            raise ValueError(f"BatchPrefillView: a sequence would exceed {pool.max_len} cached positions")
+        self.S, self.T = max(ends), max(n_new)
+        device = pool.kv_LNMC.device
+        self.rows_B = torch.tensor(slots, device=device)
+        n_B = torch.tensor(n_new, device=device)
+        t_T = torch.arange(self.T, device=device)
+        self.valid_BT = t_T[None, :] < n_B[:, None]  # False = padding
+        start_B = torch.tensor(self.starts, device=device)
+        self.position_ids = start_B[:, None] + torch.minimum(t_T[None, :], n_B[:, None] - 1)  # (B, T)
+        cols_S = torch.arange(self.S, device=device)
+        self.mask_BTS = cols_S[None, None, :] <= self.position_ids[:, :, None]  # True = attend
+        self.rows_N = self.rows_B[:, None].expand(-1, self.T)[self.valid_BT]  # (N,) N = sum(n_b) real tokens
+        self.pos_N = self.position_ids[self.valid_BT]  # (N,)
+        self.last_B = n_B - 1  # each row's last real token (its next-token logits)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.S - self.T  # unused: the runner passes position_ids and mask_BTS
+
+    def update(self, kv_BTC, pe_BTR, layer_idx: int):
+        p = self.pool
+        assert kv_BTC.shape[:2] == (len(self.slots), self.T), f"BatchPrefillView: want ({len(self.slots)}, {self.T})"
+        p.kv_LNMC[layer_idx, self.rows_N, self.pos_N] = kv_BTC[self.valid_BT]  # (N, C): real tokens only
+        p.pe_LNMR[layer_idx, self.rows_N, self.pos_N] = pe_BTR[self.valid_BT]
+        return p.kv_LNMC[layer_idx, self.rows_B, : self.S], p.pe_LNMR[layer_idx, self.rows_B, : self.S]
+
+    def commit(self) -> None:
+        for s, a, n in zip(self.slots, self.starts, self.n_new):
+            self.pool.lengths[s] = a + n
+
+    def crop(self, length: int) -> None:
+        raise NotImplementedError("BatchPrefillView does not support crop")
 
 
 class DecodeView(DenseCache):

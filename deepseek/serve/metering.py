@@ -47,6 +47,20 @@ class Metrics:
         self.queue_depth = Gauge("deepseek_queue_depth", "requests waiting for a batch slot", registry=r)
         self.running = Gauge("deepseek_running_batch_size", "sequences in the running batch", registry=r)
         self.free_slots = Gauge("deepseek_free_cache_slots", "free per-sequence KV cache slots", registry=r)
+        # the engine's running totals (Engine.stats), read at each scrape
+        self.engine_stats = {
+            "prefill_tokens": Gauge("deepseek_prefill_computed_tokens", "prompt tokens computed by prefill",
+                                    registry=r),
+            "prefill_forwards": Gauge("deepseek_prefill_forwards", "prefill forward passes", registry=r),
+            "prefix_lookups": Gauge("deepseek_prefix_cache_lookups", "prompts that could use the prefix cache",
+                                    registry=r),
+            "prefix_hits": Gauge("deepseek_prefix_cache_hits", "prompts that started from cached latents",
+                                 registry=r),
+            "prefix_hit_tokens": Gauge("deepseek_prefix_cache_hit_tokens", "prompt tokens not recomputed",
+                                       registry=r),
+            "prefix_cached_tokens": Gauge("deepseek_prefix_cache_tokens", "tokens held in the prefix cache",
+                                          registry=r),
+        }  # fmt: skip
 
 
 class UsageWriter:

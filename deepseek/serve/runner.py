@@ -6,6 +6,11 @@ The forward passes and sampling are the generation loop's own (`deepseek.generat
 `generation.sampling.sample`), run over the engine's slot-cache views instead of one static batch. Reference
 path: `deepseek.generation.loop.generate`; the runner must produce the same greedy tokens for each sequence as
 that function does for the sequence alone (tests/test_serve_engine.py).
+
+Two prefill paths: `prefill_batch` (the fast path: the step's text prompts right-padded into one forward,
+serve/kv_cache.py's BatchPrefillView) and `prefill` (one sequence; the reference, and the path for media
+prompts and prompt_logprobs, which need the spliced embeddings or every position's logits). Both start after
+whatever the slot already holds (a prefix copied from the prefix cache, serve/prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -16,22 +21,48 @@ from ..generation.constrained import mask_logits
 from ..generation.loop import decode_one_token
 from ..generation.sampling import sample
 from .kv_cache import SlotCache
+from .prefix_cache import PrefixCache
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, num_slots: int, max_len: int):
+    def __init__(self, model, num_slots: int, max_len: int, prefix_cache_tokens: int = 0, prefix_block: int = 16):
+        """prefix_cache_tokens: the prefix cache's capacity (0: no prefix cache)."""
         self.model = model
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.cache = SlotCache(model.config, num_slots, max_len, device=self.device, dtype=dtype)
+        self.prefix = None
+        if prefix_cache_tokens > 0:
+            self.prefix = PrefixCache(model.config, prefix_cache_tokens, prefix_block, self.device, dtype)
+
+    def prefix_match(self, seq: Sequence) -> list[int]:
+        """Prefix-cache blocks seq's prompt can start from (none for media or prompt_logprobs prompts)."""
+        if self.prefix is None or seq.media or seq.params.prompt_logprobs is not None:
+            return []
+        return self.prefix.match(seq.prompt_ids)
+
+    @torch.inference_mode()
+    def load_prefix(self, seq: Sequence, blocks: list[int]) -> int:
+        """Copy matched prefix blocks into seq's (empty) slot; returns the positions now cached."""
+        return self.prefix.load(self.cache, seq.slot, seq.prompt_ids, blocks) if blocks else 0
+
+    @torch.inference_mode()
+    def store_prefix(self, seq: Sequence, ids: list[int]) -> None:
+        """Offer the full blocks of ids (seq's tokens whose latents its slot holds) to the prefix cache."""
+        if self.prefix is not None and not seq.media and seq.slot is not None:
+            self.prefix.store(self.cache, seq.slot, ids)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> None:
-        """Run the prompt into seq's slot; leave the next-token logits in seq.pending_logits (V,)."""
+        """Run the prompt (after what the slot holds already) into seq's slot, alone; leave the next-token
+        logits in seq.pending_logits (V,)."""
         view = self.cache.prefill_view(seq.slot)
-        ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
-        pos_1T = torch.arange(ids_1T.shape[1], device=self.device)[None]
+        start = view.start  # > 0 after a prefix-cache hit (never for media or prompt_logprobs)
+        if start and (seq.media or seq.params.prompt_logprobs is not None):
+            raise RuntimeError("a media or prompt_logprobs prefill must start at position 0")
+        ids_1T = torch.tensor([seq.prompt_ids[start:]], device=self.device)
+        pos_1T = torch.arange(start, start + ids_1T.shape[1], device=self.device)[None]
         if seq.media:  # media projected into the placeholder positions; cached like tokens from here on
             adapter = self.model.multimodal  # seq.media is decoded already (Engine.submit's contract)
             embeds = adapter.splice(self.model.model.embed_tokens(ids_1T), ids_1T, seq.media)
@@ -46,6 +77,23 @@ class ModelRunner:
         else:
             seq.pending_logits = self.model.lm_head(h_1TD[0, -1])
         view.commit(ids_1T.shape[1])
+
+    @torch.inference_mode()
+    def prefill_batch(self, seqs: list[Sequence]) -> None:
+        """Text prompts (no media, no prompt_logprobs) of different lengths in one right-padded forward, each
+        row after what its slot holds already; sets each seq.pending_logits (V,). Commits only on success."""
+        n_new = [len(s.prompt_ids) - self.cache.lengths[s.slot] for s in seqs]
+        view = self.cache.batch_prefill_view([s.slot for s in seqs], n_new)
+        ids_BT = torch.zeros(len(seqs), view.T, dtype=torch.long, device=self.device)  # pad id 0 (never seen)
+        for b, (s, n) in enumerate(zip(seqs, n_new)):
+            ids_BT[b, :n] = torch.tensor(s.prompt_ids[len(s.prompt_ids) - n :], device=self.device)
+        h_BTD = self.model.model(input_ids=ids_BT, position_ids=view.position_ids, mask=view.mask_BTS,
+                                 cache=view).last_hidden_state  # fmt: skip
+        last_BD = h_BTD[torch.arange(len(seqs), device=self.device), view.last_B]
+        logits_BV = self.model.lm_head(last_BD)
+        view.commit()
+        for s, row in zip(seqs, logits_BV):
+            s.pending_logits = row
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> None:

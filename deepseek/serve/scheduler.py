@@ -2,7 +2,7 @@
 
 The scheduler alone admits, queues and limits: `add` queues a request (QueueFull beyond `max_waiting`),
 `schedule` drops cancelled / timed-out sequences, admits waiting ones while a cache slot is free and the step's
-prefill token budget lasts (the first admitted always fits, so a long prompt cannot starve) and gives them their
+prefill token budget (tokens to compute: a prefix-cache hit is not counted) lasts (the first admitted always fits, so a long prompt cannot starve) and gives them their
 slot, and `finish` takes a sequence out and frees its slot. Sequences therefore join and leave the running batch
 at every step (continuous batching). `add` and the counts are thread-safe; the rest runs on the engine thread.
 """
@@ -30,14 +30,16 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, max_running: int, max_waiting: int, prefill_token_budget: int, slots=None):
-        """slots: the cache's slot pool (num_free / allocate / release), needed by `schedule` and `finish`."""
+    def __init__(self, max_running: int, max_waiting: int, prefill_token_budget: int, slots=None, cost=None):
+        """slots: the cache's slot pool (num_free / allocate / release), needed by `schedule` and `finish`.
+        cost(seq): the prompt tokens its prefill computes (default all; less after a prefix-cache hit)."""
         if max_running < 1 or max_waiting < 0 or prefill_token_budget < 1:
             raise ValueError("max_running >= 1, max_waiting >= 0 and prefill_token_budget >= 1 are required")
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.prefill_token_budget = prefill_token_budget
         self.slots = slots
+        self.cost = cost or (lambda seq: len(seq.prompt_ids))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._lock = threading.Lock()  # add() comes from request threads, everything else from the engine
@@ -67,7 +69,7 @@ class Scheduler:
         """Take the waiting sequences that start now off the queue, in arrival order."""
         out, budget = [], self.prefill_token_budget
         while self.waiting and free_slots > 0 and len(self.running) + len(out) < self.max_running:
-            n = len(self.waiting[0].prompt_ids)
+            n = self.cost(self.waiting[0])
             if out and n > budget:
                 break
             out.append(self.waiting.popleft())

@@ -268,8 +268,11 @@ def test_metrics_exposes_counters_and_histograms(stack, client):
     text = httpx.get(stack["url"] + "/metrics", headers={"Authorization": f"Bearer {stack['secret']}"}).text
     for name in ("deepseek_requests_total", "deepseek_completion_tokens_total",
                  "deepseek_request_latency_seconds_bucket", "deepseek_time_to_first_token_seconds_count",
-                 "deepseek_queue_depth", "deepseek_running_batch_size"):  # fmt: skip
+                 "deepseek_queue_depth", "deepseek_running_batch_size", "deepseek_prefix_cache_hit_tokens",
+                 "deepseek_prefix_cache_tokens", "deepseek_prefill_forwards"):  # fmt: skip
         assert name in text, name
+    computed = [line for line in text.splitlines() if line.startswith("deepseek_prefill_computed_tokens ")]
+    assert computed and float(computed[0].split()[-1]) >= 1  # the engine's prefill counter, read at the scrape
     ok = [line for line in text.splitlines() if line.startswith('deepseek_requests_total{endpoint="chat",status="ok"}')]
     assert ok and float(ok[0].split()[-1]) >= 1
 
