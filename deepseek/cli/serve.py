@@ -75,6 +75,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-waiting", type=int, default=None, help="queued requests before answering 503")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens per sequence")
     p.add_argument("--timeout", type=float, default=None, help="per-request timeout, seconds")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="latents of computed prompt prefixes kept for reuse (0: no prefix cache)")  # fmt: skip
     p.add_argument("--max-body-bytes", type=int, default=None, help="a larger request body gets 413")
     p.add_argument("--open-metrics", action="store_true", default=None, help="with auth on, /metrics without a key")
     p.add_argument("--open-docs", action="store_true", default=None,
@@ -122,7 +124,8 @@ def run_serve(args) -> int:
     auth = {"on": True, "off": False, "auto": not is_loopback(args.host)}[args.auth]
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731  (unset: the dataclass default)
     config = EngineConfig(**given(max_running=args.max_running, max_waiting=args.max_waiting,
-                                  max_model_len=args.max_model_len, default_timeout_s=args.timeout))  # fmt: skip
+                                  max_model_len=args.max_model_len, default_timeout_s=args.timeout,
+                                  prefix_cache_tokens=args.prefix_cache_tokens))  # fmt: skip
     settings = ServeSettings(**given(max_body_bytes=args.max_body_bytes, open_metrics=args.open_metrics,
                                      open_docs=args.open_docs))  # fmt: skip
     from ..compat.checkpoint import resolve
