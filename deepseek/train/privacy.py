@@ -15,13 +15,16 @@ expected batch size q N. sigma is the smallest noise multiplier for which Opacus
 or RDP) gives epsilon <= the target at `delta` after the planned steps (the sampled Gaussian mechanism,
 composed over steps; the accountant's sampling model is exactly the Poisson sampling done here).
 
-Per-sample gradients: an explicit per-record loop (forward + backward of each sampled record alone, at its own
-length, no padding). Why not Opacus hooks or torch.func.vmap: the MoE flattens (B, T) tokens before the shared
-experts (hooks would see one "sample" per token) and routes tokens with data-dependent shapes (argsort,
-bincount, grouped matmuls over a variable number of rows) that neither Opacus grad samplers nor vmap batch; the
-loop is exact for every trainable parameter (LoRA on attention, dense MLP, shared and routed experts, or every
-weight) by construction, because each backward sees one record only. It costs more per record than a padded
-batch (measured in benchmarks/privacy.py).
+Per-sample gradients, two paths giving the same numbers (tests/train/test_grad_sample.py):
+- fast (grad_sample.py, used whenever it applies): when every trainable parameter is an nn.Linear weight or
+  bias - LoRA on attention, the dense MLP and the shared experts - one padded batched forward + backward per
+  chunk of sampled records, with hooks that keep each linear layer's input and output gradient and sum their
+  outer products per sequence (the MoE's flattened (B*T) tokens are viewed back as (B, T)). It is proved on a
+  probe batch before training and every call checks that the per-sequence gradients add up to the batch's.
+- reference (`per_sample_grads`): one forward + backward per sampled record, alone, at its own length. It is
+  exact for every trainable parameter by construction - including LoRA on the stacked routed experts (PEFT
+  `target_parameters`, whose data-dependent grouped matmuls hooks cannot split) and full fine-tuning - and is
+  what DP-SGD falls back to for those.
 
 What is not protected: the pretraining data; a person with several records (group their records into one, or
 divide epsilon by the group size); the choice of hyper-parameters if they are tuned on the private data.
