@@ -148,15 +148,16 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def peak_memory_mib(mode: str) -> float:
+def peak_memory_mib(args, mode: str) -> float:
     """Peak resident memory (MiB) of a fresh process that loads the model and data and, for mode "dp" or
     "non-private", trains 2 steps the benchmark's way (mode "load": nothing more)."""
     import subprocess
     import sys
 
-    argv = [a for a in sys.argv[1:] if not a.startswith("--plot-dir") and a != "--quick"]
-    if "--quick" in sys.argv:
-        argv.append("--quick")
+    argv = ["--model", args.model, "--train-records", str(args.train_records), "--test-records",
+            str(args.test_records), "--batch", str(args.batch), "--epsilons", str(args.epsilons[0]), "--delta",
+            str(args.delta), "--max-grad-norm", str(args.max_grad_norm), "--lora-rank", str(args.lora_rank),
+            "--threads", str(args.threads), *(["--lora-experts"] if args.lora_experts else [])]  # fmt: skip
     out = subprocess.run([sys.executable, __file__, *argv, "--measure-memory", mode], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     return float(out.strip().splitlines()[-1])
@@ -191,7 +192,9 @@ def plot(runs: dict, epsilons: list[float], out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    from matplotlib.ticker import NullFormatter
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     np_mean, np_lo, np_hi = runs["non-private"]["accuracy"]
     ax.axhspan(np_lo, np_hi, color="tab:gray", alpha=0.25)
     ax.axhline(np_mean, color="tab:gray", label="non-private LoRA")
@@ -200,8 +203,15 @@ def plot(runs: dict, epsilons: list[float], out_dir: Path) -> list[str]:
                 fmt="o-", color="tab:blue", capsize=3, label="DP-LoRA")  # fmt: skip
     ax.set(xscale="log", xlabel="epsilon (delta 1e-5)", ylabel="held-out exact match",
            title="Utility vs privacy (r1-tiny, mean and 95% CI over seeds)")  # fmt: skip
-    ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
-    ax.legend()
+    ax2.axhline(runs["non-private"]["heldout_loss_mean"], color="tab:gray", label="non-private LoRA")
+    ax2.plot(epsilons, [runs[f"dp eps={e:g}"]["heldout_loss_mean"] for e in epsilons], "o-", color="tab:blue",
+             label="DP-LoRA")  # fmt: skip
+    ax2.set(xscale="log", xlabel="epsilon (delta 1e-5)", ylabel="held-out loss (mean over seeds)",
+            title="Held-out loss on the answers")  # fmt: skip
+    for a in (ax, ax2):
+        a.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.legend()
     fig.tight_layout()
     paths = [str(out_dir / "privacy_utility.png")]
     fig.savefig(paths[0], dpi=120)
@@ -211,6 +221,7 @@ def plot(runs: dict, epsilons: list[float], out_dir: Path) -> list[str]:
     ax.set(xscale="log", xlabel="times the canary is in the training data", ylabel="exposure (bits)",
            title="Canary exposure (mean over seeds; chance ~1.44)")  # fmt: skip
     ax.set_xticks(CANARY_REPEATS, [str(k) for k in CANARY_REPEATS])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend()
     fig.tight_layout()
     paths.append(str(out_dir / "privacy_exposure.png"))
@@ -295,11 +306,12 @@ def main() -> None:
             m = train_records(peft, train, None, loop, dp, pad_id)
             timing[name].append(m["steps"] * m["mean_batch"] / m["seconds"])
     med = {k: statistics.median(v) for k, v in timing.items()}
-    mem = {k: peak_memory_mib(k) for k in ("load", "non-private", "dp")}  # fresh processes
+    mem = {k: peak_memory_mib(args, k) for k in ("load", "non-private", "dp")}  # fresh processes
 
     runs = {}
     for name, rs in per_run.items():
         runs[name] = {"accuracy": t_interval([r["accuracy"] for r in rs]),
+                      "heldout_loss_mean": statistics.mean(r["heldout_loss"] for r in rs),
                       "exposure_mean": [statistics.mean(r["exposure"][i] for r in rs) for i in range(len(CANARY_REPEATS))],
                       "mia_auc_mean": statistics.mean(r["mia_auc"][0] for r in rs),
                       "mia_auc_runs": [r["mia_auc"] for r in rs], "epsilon": rs[0].get("epsilon")}  # fmt: skip
