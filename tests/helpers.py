@@ -81,3 +81,21 @@ def padded_logits(*models, vocab: int, seed: int = 0):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return [m(ids, attention_mask=mask, position_ids=pos).logits for m in models], mask.bool()
 
+
+
+def lora_model(experts: bool, seed: int = 1):
+    """A tiny random model (weights scaled to sane losses) with LoRA rank 4 on every nn.Linear target and, if
+    `experts`, the routed experts; lora_B drawn non-zero so lora_A gets gradients too. In train mode."""
+    from deepseek.train.finetune import add_lora
+
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    with torch.no_grad():  # undo random_model's x4 so losses stay in a sane range
+        for p in model.parameters():
+            p.mul_(0.25) if p.dim() > 1 else None
+    peft = add_lora(model, True, 4, 8, experts)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return peft.train()

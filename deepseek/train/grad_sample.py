@@ -82,11 +82,10 @@ class LinearGrads:
                 if b:
                     part = g_BTO.sum(1)
                     dB = part if dB is None else dB + part
-            zero = torch.zeros(B, *m.weight.shape, dtype=m.weight.dtype, device=m.weight.device)
-            if w:
-                per_param[id(m.weight)] = dW if dW is not None else zero
+            if w:  # a layer whose output never reached the loss has zero gradients
+                per_param[id(m.weight)] = dW if dW is not None else m.weight.new_zeros(B, *m.weight.shape)
             if b:
-                per_param[id(m.bias)] = dB if dB is not None else zero[:, :, 0]
+                per_param[id(m.bias)] = dB if dB is not None else m.bias.new_zeros(B, *m.bias.shape)
         self._losses = losses_B.detach()
         for p, ref in zip(self.params, summed):  # the batch gradient is the sum of the per-sequence ones
             ref = torch.zeros_like(p) if ref is None else ref

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_model, tiny_config
+from helpers import lora_model, random_model, tiny_config
 
-from deepseek.train.finetune import add_lora
 from deepseek.train.grad_sample import LinearGrads
 from deepseek.train.privacy import (
     LoopConfig,
@@ -25,20 +24,6 @@ from deepseek.train.privacy import (
 )
 
 GROUPS = {"attention": "self_attn.", "dense_mlp": "layers.0.mlp.", "shared_experts": "shared_experts."}
-
-
-def lora(experts: bool):
-    model = random_model(tiny_config(num_nextn_predict_layers=1))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(0.25) if p.dim() > 1 else None
-    peft = add_lora(model, True, 4, 8, experts)
-    torch.manual_seed(1)
-    with torch.no_grad():  # lora_B starts at zero: give it values so lora_A gets gradients too
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return peft.train()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +46,7 @@ def probe(model, records, fast):
 
 @pytest.mark.parametrize("token_budget", [40, 10_000])  # several padded chunks, or one
 def test_batched_grads_equal_the_per_record_loop(records, token_budget):
-    model = lora(experts=False)
+    model = lora_model(experts=False)
     named = private_parameters(model)
     params = [p for _, p in named]
     fast = LinearGrads.of(model, params)
@@ -85,7 +70,7 @@ def test_batched_grads_equal_the_per_record_loop(records, token_budget):
 
 
 def test_routed_expert_adapters_and_full_finetuning_use_the_loop(records):
-    model = lora(experts=True)  # PEFT target_parameters: nn.Linear lora_A / lora_B that are never called
+    model = lora_model(experts=True)  # PEFT target_parameters: nn.Linear lora_A / lora_B that are never called
     params = [p for _, p in private_parameters(model)]
     fast = LinearGrads.of(model, params)
     assert fast is not None and not probe(model, records, fast)
@@ -99,7 +84,7 @@ def test_routed_expert_adapters_and_full_finetuning_use_the_loop(records):
 def test_noise_free_fast_dp_step_applies_the_mean_of_clipped_grads(records, monkeypatch):
     import deepseek.train.privacy as privacy
 
-    model = lora(experts=False)
+    model = lora_model(experts=False)
     params = [p for _, p in private_parameters(model)]
     C, N, B, seed = 0.05, len(records), 4, 4
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +104,7 @@ def test_noise_free_fast_dp_step_applies_the_mean_of_clipped_grads(records, monk
 
 
 def test_batched_records_never_share_a_gradient(records):
-    model = lora(experts=False)
+    model = lora_model(experts=False)
     params = [p for _, p in private_parameters(model)]
     fast = LinearGrads.of(model, params)
     ids, labels = pad_batch(records, [0, 1, 2], 2)

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
-from helpers import random_model, tiny_config
+from helpers import lora_model as make_lora_model
 from torch import nn
 
 from deepseek import R1Model
 from deepseek.tasks import get_task
-from deepseek.train.finetune import add_lora, small_data_batch
+from deepseek.train.finetune import small_data_batch
 from deepseek.train.privacy import (
     PrivacyConfig,
     Records,
@@ -35,17 +35,7 @@ GROUPS = {"attention": "self_attn.", "dense_mlp": "layers.0.mlp.", "shared_exper
 
 @pytest.fixture(scope="module")
 def lora_model():
-    model = random_model(tiny_config(num_nextn_predict_layers=1))
-    with torch.no_grad():  # undo random_model's x4 so losses stay in a sane range
-        for p in model.parameters():
-            p.mul_(0.25) if p.dim() > 1 else None
-    peft = add_lora(model, True, 4, 8, True)
-    torch.manual_seed(1)
-    with torch.no_grad():  # lora_B starts at zero: give it values so lora_A gets gradients too
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return peft.train()
+    return make_lora_model(experts=True)
 
 
 @pytest.fixture(scope="module")
