@@ -8,6 +8,11 @@ its DynamicCache and eager attention; ours runs twice: `R1Model.generate(...)` (
 user makes, deepseek/sdk.py) and `deepseek.generation.loop.generate` underneath it, both on the static latent
 cache. Each case is warmed up, then the three alternate (A B C A B C ...) `--rounds` times; medians and
 min-max are reported, with the machine's load.
+
+llama.cpp is the measured peer when it is built (python benchmarks/llamacpp.py build; --no-llamacpp skips it):
+the same checkpoint converted to GGUF f32, bf16 and q8_0, run with the same threads, prompt and new-token
+counts (benchmarks/llamacpp.py `bench`), one call per type inside each round. When it is not built the
+benchmark says so and prints the transformers ratio as before.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -27,6 +33,9 @@ from deepseek import R1Config, R1Model
 from deepseek.generation.loop import decode_one_token, generate, prefill
 from deepseek.model.cache import LatentCache
 from deepseek.model.layout import prepare_for_decode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llamacpp  # noqa: E402  (benchmarks/llamacpp.py)
 
 
 def bench_config() -> R1Config:
@@ -49,11 +58,14 @@ def copy_bandwidth() -> float:
     return 2 * a.nbytes * 10 / (time.perf_counter() - t) / 1e9
 
 
-def load_both(config: R1Config):
+def load_both(config: R1Config, on_saved=None):
+    """on_saved(folder) runs on our saved checkpoint before transformers' config replaces its config.json."""
     torch.manual_seed(0)
     ours = R1Model(config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
+        if on_saved is not None:
+            on_saved(tmp)
         d = {k: v for k, v in config.to_dict().items() if k in DeepseekV3Config.__dataclass_fields__}
         d.update(num_key_value_heads=config.num_attention_heads, num_mtp_layers=0)
         DeepseekV3Config(**d).save_pretrained(tmp)
@@ -110,10 +122,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer tokens and a 1K context")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=3, help="alternated timing rounds per case")
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = bench_config()
-    ours, hf = load_both(config)
+    ggufs, gguf_dir = {}, None if args.no_llamacpp else tempfile.TemporaryDirectory()
+    to_gguf = None if gguf_dir is None else lambda d: ggufs.update(llamacpp.prepare(d, gguf_dir.name))
+    ours, hf = load_both(config, to_gguf)
+    lc_rows = []  # llama.cpp: (batch, cells, our loop's tok/s)
     new = 32 if args.quick else 128
     ctx = 1024 if args.quick else 4096
     bw = copy_bandwidth()
@@ -128,10 +144,17 @@ def main():
         ids = torch.randint(3, config.vocab_size, (batch, 16))
         time_ours(ours, ids, 4), time_hf(hf, ids, 4), time_sdk(ours, ids, 4)  # warm up
         secs, toks = {k: [] for k in cases}, {}
+        lc_runs = {t: [] for t in ggufs}
         for _ in range(args.rounds):
             for name, run in cases.items():
                 toks[name], t = run(ids)
                 secs[name].append(t)
+            for t, path in list(ggufs.items()):  # the peer, alternated with ours; dropped on a failed run
+                r = llamacpp.bench(path, args.threads, ids.shape[1], new, batch)
+                if r is None:
+                    del ggufs[t]
+                else:
+                    lc_runs[t].append(r)
         same = bool(torch.equal(toks["loop"], toks["transformers"]) and torch.equal(toks["R1Model.generate"],
                                                                                   toks["transformers"]))  # fmt: skip
         tps = {k: [batch * new / t for t in v] for k, v in secs.items()}
@@ -146,6 +169,10 @@ def main():
         result[f"b{batch}_same_tokens"] = same
         if util is not None:
             result["b1_bandwidth_utilisation"] = round(util, 3)
+            result["b1_ours_GBps"] = round(active_bytes * med["loop"] / 1e9, 2)
+        if lc_runs:
+            cells = llamacpp.summarise(batch, lc_runs, med["loop"], active_bytes, result)
+            lc_rows.append((batch, cells, med["loop"]))
     result["rounds"], result["load_at_start"] = args.rounds, float(load)
     lat_o, lat_h = long_context_latency(ours, hf, ctx)
     result[f"ctx{ctx}_hf_ms"] = round(lat_h * 1e3, 2)
@@ -159,7 +186,14 @@ def main():
         print(f"{name + ' tok/s':<14}{cells}{med['R1Model.generate'] / med['transformers']:>7.2f}x  {same}")
     print(f"{f'decode ms @ {ctx}':<14}{lat_h * 1e3:>22.2f}{'':>22}{lat_o * 1e3:>22.2f}{lat_h / lat_o:>7.2f}x")
     if "b1_bandwidth_utilisation" in result:
-        print(f"batch-1 weight bandwidth: {result['b1_bandwidth_utilisation'] * 100:.0f}% of {bw:.1f} GB/s copy")
+        print(f"batch-1 weight bandwidth: {result['b1_bandwidth_utilisation'] * 100:.0f}% of {bw:.1f} GB/s copy "
+              f"({result['b1_ours_GBps']:.1f} GB/s)")  # fmt: skip
+    if lc_table := llamacpp.table(lc_rows, args.threads, 16, bw, result):
+        print(lc_table)
+    elif not args.no_llamacpp:
+        print("llama.cpp: no figures (see above); transformers ratio only")
+    if gguf_dir is not None:
+        gguf_dir.cleanup()
     print(json.dumps(result))
 
 
