@@ -47,9 +47,9 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, out=None, color: bool | None = None, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                 system: str | None = None, use_mtp: bool | None = None):  # fmt: skip
+                 system: str | None = None, use_mtp: bool | None = None, compile: bool = False):  # fmt: skip
         """Sampling settings left None take the model's defaults (its generation_config.json); use_mtp: MTP
-        speculative decoding (greedy)."""
+        speculative decoding (greedy); compile: the compiled decode step (generation/compiled.py)."""
         from .generation.defaults import sampling_defaults, use_mtp_default
 
         d = sampling_defaults(model)
@@ -61,6 +61,7 @@ class ChatSession:
         self.top_p = d.top_p if top_p is None else top_p
         self.seed = seed
         self.use_mtp = use_mtp_default(model) if use_mtp is None else use_mtp
+        self.compile = compile
         self.system = system
         self.history: list[dict] = []
         self.stop_event = threading.Event()
@@ -142,7 +143,8 @@ class ChatSession:
         try:
             res = generate(self.model, torch.tensor([ids]), max_new_tokens=self.max_new_tokens,
                      temperature=self.temperature, top_p=self.top_p, eos_token_id=self.tok.eos_token_id,
-                     seed=self.seed, on_token=on_token, inputs_embeds=embeds, use_mtp=self.use_mtp)  # fmt: skip
+                     seed=self.seed, on_token=on_token, inputs_embeds=embeds, use_mtp=self.use_mtp,
+                           compile=self.compile)  # fmt: skip
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

@@ -146,6 +146,7 @@ class R1Model(R1ForCausalLM):
     def generate(self, inputs=None, generation_config=None, streamer=None, **kwargs):
         """transformers' `generate` signature; returns the (B, T + n) sequences (finished rows padded)."""
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        compile_step = bool(kwargs.pop("compile", False))  # the compiled decode step (generation/compiled.py)
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         reason = self.loop_unsupported(input_ids, config, kwargs)
         if reason is not None:
@@ -175,7 +176,7 @@ class R1Model(R1ForCausalLM):
         out = generate(self, input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new,
                        temperature=config.temperature if config.do_sample else 0.0, top_p=config.top_p,
                        top_k=config.top_k or 0, eos_token_id=eos_list, pad_token_id=pad, on_token=on_token,
-                       inputs_embeds=embeds, use_mtp=bool(config.use_mtp))  # fmt: skip
+                       inputs_embeds=embeds, use_mtp=bool(config.use_mtp), compile=compile_step)  # fmt: skip
         if streamer is not None:
             streamer.end()
         return out.sequences

@@ -61,7 +61,7 @@ def run(args) -> int:
     color = {"auto": None, "always": True, "never": False}[args.color]
     session = ChatSession(model, tok, color=color, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
                           top_p=d.top_p, seed=args.seed, system=args.system,
-                          use_mtp=resolve_use_mtp(args, model))  # fmt: skip
+                          use_mtp=resolve_use_mtp(args, model), compile=args.compile)  # fmt: skip
     if args.prompt is not None:
         session.send(args.prompt, media)
         return 0

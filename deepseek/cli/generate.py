@@ -62,7 +62,7 @@ def run(args) -> int:
     t = time.perf_counter()
     out = generate(model, ids, max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
                    eos_token_id=tok.eos_token_id, seed=args.seed, on_token=on_token,
-                   use_mtp=resolve_use_mtp(args, model))  # fmt: skip
+                   use_mtp=resolve_use_mtp(args, model), compile=args.compile)  # fmt: skip
     show(final=True)
     n = len(out.new_tokens[0])
     cut = f"cut at --max-new-tokens {d.max_new_tokens} (finish_reason length), " if out.finish_reasons[0] == "length" else ""

@@ -30,7 +30,6 @@ engine's per-sequence slot views (serve/kv_cache.py), `CompressedLatentCache` (l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -44,10 +43,13 @@ class LatentQuery:
     pe_BTHR: torch.Tensor
     w_uk_HNC: torch.Tensor  # kv_b_proj's key half: q_nope -> latent space
     scale: float
+    _lat: torch.Tensor | None = field(default=None, repr=False)
 
-    @cached_property
-    def lat_BTHC(self) -> torch.Tensor:  # computed once, only if someone asks
-        return torch.einsum("bthn,hnc->bthc", self.nope_BTHN, self.w_uk_HNC)
+    @property
+    def lat_BTHC(self) -> torch.Tensor:  # computed once, only if someone asks (a plain memo: torch.compile traces it)
+        if self._lat is None:
+            self._lat = torch.einsum("bthn,hnc->bthc", self.nope_BTHN, self.w_uk_HNC)
+        return self._lat
 
 
 @dataclass

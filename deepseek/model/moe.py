@@ -11,6 +11,13 @@ Expert execution: assignments are sorted by expert and run as two grouped matmul
 no Python loop over experts; `experts_reference` is the plain per-expert loop kept as the oracle. A slot whose
 expert index is -1 is skipped, so a variable number of experts per token costs only what it uses.
 
+Under torch.compile (the compiled decode step, deepseek/generation/compiled.py, or a user's own
+torch.compile of the model): with no more assignments than experts (one-token decode at small batch)
+`experts_gathered` indexes the chosen experts' matrices and runs two batched matrix-vector products, which the
+compiler fuses (in eager mode the copies cost more than the grouped matmul saves); otherwise the grouped path
+runs as the custom op `deepseek::grouped_experts` (torch._grouped_mm has no fp32 CPU meta kernel for the
+compiler to trace; the op declares its output shape).
+
 Adaptive routing (R1Config.routing.mode "entropy" / "top_p", deepseek/model/routing.py) replaces `select` by a
 variable-k choice when the Router is built with an `adaptive` policy; without one the plain path runs unchanged.
 
@@ -105,6 +112,10 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         E, F2, D = self.gate_up_proj.shape
+        if torch.compiler.is_compiling():
+            if idx_NK.numel() <= E:
+                return experts_gathered(x_ND, idx_NK, weights_NK, self.gate_up_proj, self.down_proj)
+            return grouped_experts(x_ND, idx_NK, weights_NK, self.gate_up_proj, self.down_proj)
         if has_grouped_kernel(x_ND.device.type, x_ND.dtype, (D, F2 // 2)):
             return experts_grouped(x_ND, idx_NK, weights_NK, self.gate_up_proj, self.down_proj)
         return experts_reference(x_ND, idx_NK, weights_NK, self.gate_up_proj, self.down_proj)
@@ -147,6 +158,31 @@ def experts_grouped(x_ND, idx_NK, weights_NK, gate_up_EFD, down_EDI):
     y_AD = _contiguous_grad(torch._grouped_mm(h_AI, down_EDI.transpose(1, 2), offs=offs_E))
     y_AD = y_AD * weights_NK.reshape(-1)[order_A, None].to(y_AD.dtype)
     return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
+
+
+def experts_gathered(x_ND, idx_NK, weights_NK, gate_up_EFD, down_EDI):
+    """Few assignments: copy the A chosen experts' matrices and run them as batched matrix-vector products."""
+    N, K = idx_NK.shape
+    flat_A = idx_NK.reshape(-1)
+    expert_A = flat_A.clamp(min=0)  # an empty slot (-1) computes expert 0 with weight 0
+    x_AD = x_ND.repeat_interleave(K, dim=0)
+    h_AF = torch.bmm(gate_up_EFD[expert_A], x_AD[:, :, None])[..., 0]  # (A, 2I)
+    gate, up = h_AF.chunk(2, dim=-1)
+    y_AD = torch.bmm(down_EDI[expert_A], (F.silu(gate) * up)[:, :, None])[..., 0]
+    w_A = torch.where(flat_A >= 0, weights_NK.reshape(-1), 0.0).to(y_AD.dtype)
+    return (y_AD * w_A[:, None]).view(N, K, -1).sum(dim=1)
+
+
+@torch.library.custom_op("deepseek::grouped_experts", mutates_args=())
+def grouped_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, weights_NK: torch.Tensor, gate_up_EFD: torch.Tensor,
+                    down_EDI: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """`experts_grouped` as one opaque op for torch.compile (inference only: no autograd formula)."""
+    return experts_grouped(x_ND, idx_NK, weights_NK, gate_up_EFD, down_EDI)
+
+
+@grouped_experts.register_fake
+def _(x_ND, idx_NK, weights_NK, gate_up_EFD, down_EDI):
+    return torch.empty_like(x_ND)
 
 
 def experts_reference(x_ND, idx_NK, weights_NK, gate_up_EFD, down_EDI):

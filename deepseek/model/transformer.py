@@ -116,7 +116,9 @@ class R1TextModel(R1PreTrainedModel):
         x_BTD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x_BTD.shape
         cache = as_latent_cache(cache)
-        past = cache.get_seq_length() if cache is not None else 0
+        past = 0  # cached positions: asked for only when needed (the compiled decode step passes positions)
+        if cache is not None and (position_ids is None or (mask is None and attention_mask is not None)):
+            past = cache.get_seq_length()
         if position_ids is None:
             position_ids = (torch.arange(T, device=x_BTD.device) + past)[None].expand(B, T)
         cos, sin = self.rotary_emb(position_ids, x_BTD.dtype)
