@@ -5,9 +5,11 @@
 
 Prints a table, then one JSON line. Both models are fp32 on CPU; transformers runs its own `generate` with
 its DynamicCache and eager attention; ours runs twice: `R1Model.generate(...)` (the transformers-style call a
-user makes, deepseek/sdk.py) and `deepseek.generation.loop.generate` underneath it, both on the static latent
-cache. Each case is warmed up, then the three alternate (A B C A B C ...) `--rounds` times; medians and
-min-max are reported, with the machine's load.
+user makes, deepseek/sdk.py), `deepseek.generation.loop.generate` underneath it, both on the static latent
+cache, and `R1Model.generate(..., compile=True)` (the compiled decode step, deepseek/generation/compiled.py;
+its one-time compile is timed separately and reported as b{batch}_compile_seconds; at batch 16 it decodes
+eagerly, see compiled.pays_off). Each case is warmed up, then they alternate (A B C D A B C D ...) `--rounds`
+times; medians and min-max are reported, with the machine's load. "ours" against llama.cpp is our faster path.
 
 llama.cpp is the measured peer when it is built (python benchmarks/llamacpp.py build; --no-llamacpp skips it):
 the same checkpoint converted to GGUF f32, bf16 and q8_0, run with the same threads, prompt and new-token
@@ -88,10 +90,10 @@ def time_ours(model, ids, new):
     return out.sequences[:, ids.shape[1] :], time.perf_counter() - t
 
 
-def time_sdk(model, ids, new):
+def time_sdk(model, ids, new, compile=False):
     t = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)  # fmt: skip
+                         eos_token_id=None, pad_token_id=0, compile=compile)  # fmt: skip
     return out[:, ids.shape[1] :], time.perf_counter() - t
 
 
@@ -137,12 +139,16 @@ def main():
                         "copy_GBps": round(bw, 1)}  # fmt: skip
     active_bytes = ours.num_parameters(active=True) * 4 - config.vocab_size * config.hidden_size * 4  # no embed read
     cases = {"transformers": lambda ids: time_hf(hf, ids, new), "R1Model.generate": lambda ids: time_sdk(ours, ids, new),
-             "loop": lambda ids: time_ours(ours, ids, new)}  # fmt: skip
+             "loop": lambda ids: time_ours(ours, ids, new),
+             "compile=True": lambda ids: time_sdk(ours, ids, new, compile=True)}  # fmt: skip
     load = open("/proc/loadavg").read().split()[0]
     for batch in (1, 16):
         torch.manual_seed(batch)
         ids = torch.randint(3, config.vocab_size, (batch, 16))
         time_ours(ours, ids, 4), time_hf(hf, ids, 4), time_sdk(ours, ids, 4)  # warm up
+        t = time.perf_counter()
+        time_sdk(ours, ids, 4, compile=True)  # compiles the decode step for this batch (where it pays off)
+        result[f"b{batch}_compile_seconds"] = round(time.perf_counter() - t, 1)
         secs, toks = {k: [] for k in cases}, {}
         lc_runs = {t: [] for t in ggufs}
         for _ in range(args.rounds):
@@ -155,24 +161,26 @@ def main():
                     del ggufs[t]
                 else:
                     lc_runs[t].append(r)
-        same = bool(torch.equal(toks["loop"], toks["transformers"]) and torch.equal(toks["R1Model.generate"],
-                                                                                  toks["transformers"]))  # fmt: skip
+        same = all(torch.equal(toks[k], toks["transformers"]) for k in cases)
         tps = {k: [batch * new / t for t in v] for k, v in secs.items()}
         med = {k: statistics.median(v) for k, v in tps.items()}
-        util = (active_bytes * med["loop"] / batch) / 1e9 / bw if batch == 1 else None
+        best = max(med["loop"], med["compile=True"])  # our fastest path at this batch
+        util = (active_bytes * best / batch) / 1e9 / bw if batch == 1 else None
         rows.append((f"batch {batch}", med, {k: (min(v), max(v)) for k, v in tps.items()}, same))
         result[f"b{batch}_hf_tok_s"] = round(med["transformers"], 1)
         result[f"b{batch}_sdk_tok_s"] = round(med["R1Model.generate"], 1)
         result[f"b{batch}_ours_tok_s"] = round(med["loop"], 1)
         result[f"b{batch}_sdk_speedup"] = round(med["R1Model.generate"] / med["transformers"], 2)
         result[f"b{batch}_speedup"] = round(med["loop"] / med["transformers"], 2)
+        result[f"b{batch}_compiled_tok_s"] = round(med["compile=True"], 1)
+        result[f"b{batch}_compiled_speedup"] = round(med["compile=True"] / med["transformers"], 2)
         result[f"b{batch}_same_tokens"] = same
         if util is not None:
             result["b1_bandwidth_utilisation"] = round(util, 3)
-            result["b1_ours_GBps"] = round(active_bytes * med["loop"] / 1e9, 2)
+            result["b1_ours_GBps"] = round(active_bytes * best / 1e9, 2)
         if lc_runs:
-            cells = llamacpp.summarise(batch, lc_runs, med["loop"], active_bytes, result)
-            lc_rows.append((batch, cells, med["loop"]))
+            cells = llamacpp.summarise(batch, lc_runs, best, active_bytes, result)
+            lc_rows.append((batch, cells, best))
     result["rounds"], result["load_at_start"] = args.rounds, float(load)
     lat_o, lat_h = long_context_latency(ours, hf, ctx)
     result[f"ctx{ctx}_hf_ms"] = round(lat_h * 1e3, 2)
@@ -180,10 +188,11 @@ def main():
     result[f"ctx{ctx}_speedup"] = round(lat_h / lat_o, 2)
     print(f"machine load (1-min average) at start: {load} on {os.cpu_count()} cores; medians of {args.rounds} "
           "alternated rounds, min-max in brackets")  # fmt: skip
-    print(f"{'case':<14}{'transformers':>22}{'R1Model.generate':>22}{'loop':>22}{'sdk/hf':>8}  same tokens")
+    print(f"{'case':<14}" + "".join(f"{k:>22}" for k in cases) + f"{'sdk/hf':>8}{'compiled/hf':>12}  same tokens")
     for name, med, span, same in rows:
         cells = "".join(f"{med[k]:>9.1f} [{span[k][0]:.0f}-{span[k][1]:.0f}]".rjust(22) for k in cases)
-        print(f"{name + ' tok/s':<14}{cells}{med['R1Model.generate'] / med['transformers']:>7.2f}x  {same}")
+        print(f"{name + ' tok/s':<14}{cells}{med['R1Model.generate'] / med['transformers']:>7.2f}x"
+              f"{med['compile=True'] / med['transformers']:>11.2f}x  {same}")  # fmt: skip
     print(f"{f'decode ms @ {ctx}':<14}{lat_h * 1e3:>22.2f}{'':>22}{lat_o * 1e3:>22.2f}{lat_h / lat_o:>7.2f}x")
     if "b1_bandwidth_utilisation" in result:
         print(f"batch-1 weight bandwidth: {result['b1_bandwidth_utilisation'] * 100:.0f}% of {bw:.1f} GB/s copy "

@@ -252,7 +252,7 @@ def table(rows: list[tuple[int, dict, float]], threads: int, prompt: int, copy_g
         return ""
     lines = [f"llama.cpp peer, same weights as GGUF, CPU, {threads} threads: new tok/s including the {prompt}-token "
              "prompt (as ours) [min-max], decode-only after 'dec'"]  # fmt: skip
-    lines.append(f"{'case':<14}" + "".join(f"{t:>28}" for t in types) + f"{'loop/' + types[0]:>10}")
+    lines.append(f"{'case':<14}" + "".join(f"{t:>28}" for t in types) + f"{'ours/' + types[0]:>10}")
     for batch, cells, ours in rows:
         line = f"{f'batch {batch} tok/s':<14}"
         for t in types:

@@ -66,8 +66,9 @@ def run(args) -> int:
     show(final=True)
     n = len(out.new_tokens[0])
     cut = f"cut at --max-new-tokens {d.max_new_tokens} (finish_reason length), " if out.finish_reasons[0] == "length" else ""
+    compiled = f", compiling {out.stats['compile_seconds']:.0f} s" if out.stats.get("compile_seconds") else ""
     print(f"\n[{n} tokens, {cut}{n / (time.perf_counter() - t):.1f} tok/s, decode "
-          f"{out.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)  # fmt: skip
+          f"{out.decode_tokens_per_second:.1f} tok/s{compiled}]", file=sys.stderr)  # fmt: skip
     return 0
 
 

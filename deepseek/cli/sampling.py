@@ -16,8 +16,8 @@ def add_sampling_arguments(p) -> None:
                    help="speculative decoding with the model's MTP layer drafting (greedy only; same tokens, "
                         "faster); default: the model's generation config (use_mtp)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
-                   help="decode through the compiled one-token step (torch.compile, ~45 s once per process and "
-                        "cache size; ~2x faster per token on CPU at batch 1; same tokens)")  # fmt: skip
+                   help="decode through the compiled one-token step (torch.compile: 1-2 min once per process and "
+                        "cache size; ~2x faster per token on CPU at batch 1-8; same tokens)")  # fmt: skip
 
 
 def check_sampling_arguments(args) -> None:

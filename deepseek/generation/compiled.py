@@ -13,8 +13,9 @@ Inductor settings (`OPTIONS`): weights frozen into the graph as constants, and m
 GEMM template (max-autotune restricted to the CPP backend, so nothing is benchmarked): on this 2-core CPU a
 one-row product over a 32000 x 512 fp32 head runs at ~50 GB/s against ~14 GB/s for MKL's GEMV, and the
 elementwise work between matmuls is fused. The MoE runs as `experts_gathered` or the `deepseek::grouped_experts`
-custom op (model/moe.py). Compiling costs ~45 s on the 88M benchmark config (freezing bypasses inductor's
-on-disk graph cache), once per (model, batch size, M); M is rounded up to a power of two (>= 256) so requests
+custom op (model/moe.py). Compiling costs 30-50 s on the 88M benchmark config and on r1-tiny once inductor's
+autotuning cache is warm, 1-2 min cold (freezing bypasses its on-disk graph cache), once per (model, batch size,
+M), and is reported apart from decoding (`out.stats["compile_seconds"]`); M is rounded up to a power of two (>= 256) so requests
 of different lengths share graphs. Frozen weights go stale if the model changes: when any parameter's version
 counter has moved (an optimizer step, load_state_dict, a LoRA merge) the decoder is rebuilt and the process's
 compiled graphs are reset (`torch.compiler.reset()`), so a stale graph is never served.
@@ -24,6 +25,8 @@ and logits. Plain top-k routing only; adaptive routing (variable k) and MTP draf
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch._inductor import config as inductor_config
@@ -78,6 +81,9 @@ def check_compilable(model, cache) -> None:
         raise ValueError(f"compile=True decodes on the static LatentCache, not {type(cache).__name__}")
     if any(layer.mlp.gate.adaptive is not None for layer in model.model.layers if hasattr(layer.mlp, "gate")):
         raise ValueError("compile=True supports plain top-k routing; this model routes adaptively (variable k)")
+    if getattr(model.config, "weight_quantization", None):
+        raise ValueError("compile=True decodes float weights; int8 weights decode eagerly (compiled int8 measured "
+                         "slower on this CPU: 55-62 tok/s against 97 for compiled fp32 on the 88M config)")  # fmt: skip
     if model.config.indexer is not None or model.config.compression.learned:
         raise ValueError("compile=True supports MLA on the dense latent cache (no V3.2 indexer, no learned compression)")
 
@@ -89,6 +95,8 @@ class CompiledDecoder:
         self.model = model
         self.versions = _versions(model)
         self.fn = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self.shapes: set[tuple[int, int]] = set()  # (B, M) graphs compiled so far
+        self.compile_seconds = 0.0  # the last step's compiling time (0 when its graph existed)
 
     def _forward(self, token_B, position_B, slot_1, valid_BM, kv_LBMC, pe_LBMR):
         cache = StepCache(kv_LBMC, pe_LBMR, valid_BM, slot_1)
@@ -103,8 +111,12 @@ class CompiledDecoder:
             raise ValueError(f"the latent cache is full: {slot + 1} positions needed, {cache.max_len} allocated")
         valid_BM[:, slot] = True
         slot_1 = torch.tensor([slot], device=token_B.device)
+        new_shape = (token_B.shape[0], cache.max_len) not in self.shapes
+        t = time.perf_counter()
         with inductor_config.patch(OPTIONS):  # compiling happens inside the first call (and on a new shape)
             logits = self.fn(token_B, position_B.clone(), slot_1, valid_BM, cache.kv, cache.pe)
+        self.compile_seconds = time.perf_counter() - t if new_shape else 0.0
+        self.shapes.add((token_B.shape[0], cache.max_len))
         cache.lengths = [slot + 1] * len(cache.lengths)
         return logits
 

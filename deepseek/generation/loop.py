@@ -118,8 +118,8 @@ def generate(
     `input_ids` still gives the returned sequences.
     grammars: per row, a GrammarState (deepseek.generation.constrained) whose mask constrains that row, or None.
     use_mtp: speculative decoding with the model's MTP layer drafting (greedy only; generation/speculative.py).
-    compile: decode through the compiled one-token step (generation/compiled.py: ~45 s to compile once per model,
-    batch size and cache bucket; same tokens, ~2x faster per step on CPU at small batch; at batch sizes where it
+    compile: decode through the compiled one-token step (generation/compiled.py: 30 s - 2 min to compile once per
+    model, batch size and cache bucket, kept out of decode_seconds; same tokens, ~2x faster per step on CPU at small batch; at batch sizes where it
     does not pay (`compiled.pays_off`) decoding stays eager; `out.stats["compiled"]` says which ran)."""
     if use_mtp and compile:
         raise ValueError("compile=True and use_mtp=True cannot be combined yet: MTP drafting runs eager")
@@ -172,6 +172,7 @@ def generate(
     position = position_ids[:, -1]
     tokens_out = []
     mask = attention_mask
+    compile_seconds = 0.0  # the compiled step's one-time compiling, kept out of decode_seconds
     for step in range(max_new_tokens):
         if grammars is not None:
             logits = mask_logits(logits.float(), [g if not done[b] else None for b, g in enumerate(grammars)])
@@ -198,12 +199,14 @@ def generate(
             mask = torch.cat((mask, mask.new_ones(B, 1)), dim=1)
         if decoder is not None:
             logits = decoder.step(token, position, cache, valid_BM)
+            compile_seconds += decoder.compile_seconds
         else:
             logits = decode_one_token(model, token, mask if padded else None, position, cache)
     t2 = time.perf_counter()
     gen = torch.stack(tokens_out, dim=1) if tokens_out else input_ids.new_zeros(B, 0)
-    stats = {"compiled": decoder is not None}
-    return GenerateOutput(torch.cat((input_ids, gen), dim=1), new_tokens, finish, t1 - t0, t2 - t1, cache, stats)
+    stats = {"compiled": decoder is not None, "compile_seconds": compile_seconds}
+    return GenerateOutput(torch.cat((input_ids, gen), dim=1), new_tokens, finish, t1 - t0, t2 - t1 - compile_seconds,
+                          cache, stats)  # fmt: skip
 
 
 def generate_long(model, input_ids, max_new_tokens: int = 16, compressed: bool | None = None,
