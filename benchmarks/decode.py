@@ -20,6 +20,7 @@ benchmark says so and prints the transformers ratio as before.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -125,6 +126,9 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=3, help="alternated timing rounds per case")
     parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also time batch 1 with fp16 weights through compile=True, alternated with fp32 "
+                             "(a 16-bit row beside llama.cpp's bf16; its compile takes ~3 min cold)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = bench_config()
@@ -181,6 +185,26 @@ def main():
         if lc_runs:
             cells = llamacpp.summarise(batch, lc_runs, best, active_bytes, result)
             lc_rows.append((batch, cells, best))
+    half_line = None
+    if args.fp16:  # 16-bit weights, batch 1, compiled: alternated with the fp32 compiled step
+        half = copy.deepcopy(ours).half()
+        torch.manual_seed(1)
+        ids = torch.randint(3, config.vocab_size, (1, 16))
+        t = time.perf_counter()
+        time_sdk(half, ids, 4, compile=True)
+        result["b1_fp16_compile_seconds"] = round(time.perf_counter() - t, 1)
+        runs = {"fp32": [], "fp16": []}
+        for _ in range(args.rounds):
+            runs["fp32"].append(new / time_sdk(ours, ids, new, compile=True)[1])
+            runs["fp16"].append(new / time_sdk(half, ids, new, compile=True)[1])
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        result["b1_fp16_compiled_tok_s"] = round(med["fp16"], 1)
+        for t in ("f32", "bf16"):
+            if f"b1_llamacpp_{t}_tok_s" in result:
+                result[f"b1_fp16_vs_llamacpp_{t}"] = round(med["fp16"] / result[f"b1_llamacpp_{t}_tok_s"], 2)
+        half_line = (f"batch 1, compile=True: fp16 weights {med['fp16']:.1f} [{min(runs['fp16']):.0f}-"
+                     f"{max(runs['fp16']):.0f}] tok/s vs fp32 {med['fp32']:.1f} [{min(runs['fp32']):.0f}-"
+                     f"{max(runs['fp32']):.0f}] (alternated; fp16 tokens are not fp32's)")  # fmt: skip
     result["rounds"], result["load_at_start"] = args.rounds, float(load)
     lat_o, lat_h = long_context_latency(ours, hf, ctx)
     result[f"ctx{ctx}_hf_ms"] = round(lat_h * 1e3, 2)
@@ -197,6 +221,8 @@ def main():
     if "b1_bandwidth_utilisation" in result:
         print(f"batch-1 weight bandwidth: {result['b1_bandwidth_utilisation'] * 100:.0f}% of {bw:.1f} GB/s copy "
               f"({result['b1_ours_GBps']:.1f} GB/s)")  # fmt: skip
+    if half_line:
+        print(half_line)
     if lc_table := llamacpp.table(lc_rows, args.threads, 16, bw, result):
         print(lc_table)
     elif not args.no_llamacpp:

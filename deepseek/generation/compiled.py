@@ -17,8 +17,10 @@ custom op (model/moe.py). Compiling costs 30-50 s on the 88M benchmark config an
 autotuning cache is warm, 1-2 min cold (freezing bypasses its on-disk graph cache), once per (model, batch size,
 M), and is reported apart from decoding (`out.stats["compile_seconds"]`); M is rounded up to a power of two (>= 256) so requests
 of different lengths share graphs. Frozen weights go stale if the model changes: when any parameter's version
-counter has moved (an optimizer step, load_state_dict, a LoRA merge) the decoder is rebuilt and the process's
-compiled graphs are reset (`torch.compiler.reset()`), so a stale graph is never served.
+counter has moved (an optimizer step, load_state_dict, a LoRA merge) the decoder is rebuilt. Each decoder
+compiles its own copy of the forward's code object, because torch.compile keeps graphs per code object: with
+one shared code object the same model after a weight update passes the old graph's guards and runs its frozen
+constants (a test failed that way). A deepcopy of a model gets a decoder of its own too.
 
 The eager step (loop.decode_one_token on the same LatentCache) is the reference; tests compare greedy tokens
 and logits. Plain top-k routing only; adaptive routing (variable k) and MTP drafting stay eager.
@@ -26,7 +28,9 @@ and logits. Plain top-k routing only; adaptive routing (variable k) and MTP draf
 
 from __future__ import annotations
 
+import itertools
 import time
+import types
 
 import torch
 from torch._inductor import config as inductor_config
@@ -94,7 +98,11 @@ class CompiledDecoder:
     def __init__(self, model):
         self.model = model
         self.versions = _versions(model)
-        self.fn = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self.owner = id(model)
+        # its own code object: torch.compile keeps graphs per code object, and the same model after a weight
+        # update passes the old graph's guards, which would then run the old frozen constants
+        self.fn = torch.compile(types.MethodType(_own_code(CompiledDecoder._forward), self), fullgraph=True,
+                                dynamic=False)  # fmt: skip
         self.shapes: set[tuple[int, int]] = set()  # (B, M) graphs compiled so far
         self.compile_seconds = 0.0  # the last step's compiling time (0 when its graph existed)
 
@@ -124,12 +132,15 @@ class CompiledDecoder:
 def decoder_for(model) -> CompiledDecoder:
     """The model's compiled decoder (kept on the model), rebuilt when its weights changed since it was compiled."""
     decoder = model.__dict__.get("_compiled_decoder")
-    if decoder is not None and decoder.versions != _versions(model):
-        # torch.compile keys graphs by code and guards: a new decoder of the same model would pass the old guards
-        # and run the old constants, so compiled graphs are dropped (all of this process's: there is no per-graph
-        # reset); any other compiled model recompiles on its next call
-        torch.compiler.reset()
-        decoder = None
-    if decoder is None:
+    if decoder is None or decoder.owner != id(model) or decoder.versions != _versions(model):  # (owner: a deepcopy)
         decoder = model.__dict__["_compiled_decoder"] = CompiledDecoder(model)
     return decoder
+
+
+def _own_code(fn):
+    """fn with a code object of its own (same body)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_serial)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+_serial = itertools.count()

@@ -102,6 +102,15 @@ def test_weights_changed_after_compiling_rebuild_the_decoder(model):
             model.lm_head.weight.mul_(-1.0)
 
 
+def test_two_models_of_the_same_shapes_each_decode_their_own_weights(model):
+    ids = padded_batch(model.config.vocab_size)[0][:1]
+    generate(model, ids, max_new_tokens=2, compile=True)
+    other = random_model(tiny_config(num_nextn_predict_layers=1), seed=7, cls=R1Model)  # same shapes, new weights
+    eager = generate(other, ids, max_new_tokens=8)
+    assert eager.new_tokens != generate(model, ids, max_new_tokens=8).new_tokens
+    assert generate(other, ids, max_new_tokens=8, compile=True).new_tokens == eager.new_tokens
+
+
 def test_clear_errors_before_compiling(model):
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match="use_mtp"):
