@@ -9,14 +9,14 @@ What is compiled: `model.model` + `lm_head` for one token per row over `StepCach
 allocated positions under a (B, M) mask of the positions written so far (left padding stays masked). No shape
 changes from one step to the next, so one graph serves every step of every request of that batch size and M.
 
-Inductor settings (`OPTIONS`): weights frozen into the graph as constants, and matmuls from inductor's C++
-GEMM template (max-autotune restricted to the CPP backend, so nothing is benchmarked): on this 2-core CPU a
-one-row product over a 32000 x 512 fp32 head runs at ~50 GB/s against ~14 GB/s for MKL's GEMV, and the
-elementwise work between matmuls is fused. The MoE runs as `experts_gathered` or the `deepseek::grouped_experts`
-custom op (model/moe.py). Compiling costs 30-50 s on the 88M benchmark config and on r1-tiny once inductor's
-autotuning cache is warm, 1-2 min cold (freezing bypasses its on-disk graph cache), once per (model, batch size,
-M), and is reported apart from decoding (`out.stats["compile_seconds"]`); M is rounded up to a power of two (>= 256) so requests
-of different lengths share graphs. Frozen weights go stale if the model changes: when any parameter's version
+Inductor settings (`OPTIONS`): weights frozen into the graph as constants, and matmuls autotuned between
+inductor's C++ GEMM template and ATen (the template alone has no valid choice for some small shapes): on this
+2-core CPU a one-row product over a 32000 x 512 fp32 head runs at ~50 GB/s against ~14 GB/s for MKL's GEMV,
+and the elementwise work between matmuls is fused. The MoE runs as `experts_gathered` or the
+`deepseek::grouped_experts` custom op (model/moe.py). Compiling costs 30-50 s on the 88M benchmark config and
+on r1-tiny once inductor's autotuning cache is warm, 1-2 min cold (freezing bypasses its on-disk graph cache),
+once per (model, batch size, M), and is reported apart from decoding (`out.stats["compile_seconds"]`); M is
+rounded up to a power of two (>= 256) so requests of different lengths share graphs. Frozen weights go stale if the model changes: when any parameter's version
 counter has moved (an optimizer step, load_state_dict, a LoRA merge) the decoder is rebuilt. Each decoder
 compiles its own copy of the forward's code object, because torch.compile keeps graphs per code object: with
 one shared code object the same model after a weight update passes the old graph's guards and runs its frozen
