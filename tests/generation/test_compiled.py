@@ -102,6 +102,7 @@ def test_weights_changed_after_compiling_rebuild_the_decoder(model):
             model.lm_head.weight.mul_(-1.0)
 
 
+@pytest.mark.slow  # ~30 s of compiling; dynamo's guards already tell two models apart (this held before the fix too)
 def test_two_models_of_the_same_shapes_each_decode_their_own_weights(model):
     ids = padded_batch(model.config.vocab_size)[0][:1]
     generate(model, ids, max_new_tokens=2, compile=True)
