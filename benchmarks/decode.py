@@ -135,7 +135,7 @@ def main():
     ggufs, gguf_dir = {}, None if args.no_llamacpp else tempfile.TemporaryDirectory()
     to_gguf = None if gguf_dir is None else lambda d: ggufs.update(llamacpp.prepare(d, gguf_dir.name))
     ours, hf = load_both(config, to_gguf)
-    lc_rows = []  # llama.cpp: (batch, cells, our loop's tok/s)
+    lc_rows = []  # llama.cpp: (batch, cells, our faster path's tok/s)
     new = 32 if args.quick else 128
     ctx = 1024 if args.quick else 4096
     bw = copy_bandwidth()

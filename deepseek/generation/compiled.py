@@ -16,11 +16,13 @@ and the elementwise work between matmuls is fused. The MoE runs as `experts_gath
 `deepseek::grouped_experts` custom op (model/moe.py). Compiling costs 30-50 s on the 88M benchmark config and
 on r1-tiny once inductor's autotuning cache is warm, 1-2 min cold (freezing bypasses its on-disk graph cache),
 once per (model, batch size, M), and is reported apart from decoding (`out.stats["compile_seconds"]`); M is
-rounded up to a power of two (>= 256) so requests of different lengths share graphs. Frozen weights go stale if the model changes: when any parameter's version
-counter has moved (an optimizer step, load_state_dict, a LoRA merge) the decoder is rebuilt. Each decoder
-compiles its own copy of the forward's code object, because torch.compile keeps graphs per code object: with
-one shared code object the same model after a weight update passes the old graph's guards and runs its frozen
-constants (a test failed that way). A deepcopy of a model gets a decoder of its own too.
+rounded up to a power of two (>= 256) so requests of different lengths share graphs.
+
+Frozen weights go stale if the model changes: when any parameter's version counter has moved (an optimizer
+step, load_state_dict, a LoRA merge) the decoder is rebuilt. Each decoder compiles its own copy of the
+forward's code object, because torch.compile keeps graphs per code object: with one shared code object the
+same model after a weight update passes the old graph's guards and runs its frozen constants (a test failed
+that way). A deepcopy of a model gets a decoder of its own too.
 
 The eager step (loop.decode_one_token on the same LatentCache) is the reference; tests compare greedy tokens
 and logits. Plain top-k routing only; adaptive routing (variable k) and MTP drafting stay eager.
@@ -36,6 +38,7 @@ import torch
 from torch._inductor import config as inductor_config
 
 from ..model.cache import Attended, KeyGroup, LatentCache
+from ..model.moe import moe_layers
 
 OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 MIN_POSITIONS = 256
@@ -83,7 +86,7 @@ def check_compilable(model, cache) -> None:
     """One-line errors before any compiling."""
     if not isinstance(cache, LatentCache):
         raise ValueError(f"compile=True decodes on the static LatentCache, not {type(cache).__name__}")
-    if any(layer.mlp.gate.adaptive is not None for layer in model.model.layers if hasattr(layer.mlp, "gate")):
+    if any(moe.gate.adaptive is not None for _, moe in moe_layers(model)):
         raise ValueError("compile=True supports plain top-k routing; this model routes adaptively (variable k)")
     if getattr(model.config, "weight_quantization", None):
         raise ValueError("compile=True decodes float weights; int8 weights decode eagerly (compiled int8 measured "

@@ -119,8 +119,9 @@ def generate(
     grammars: per row, a GrammarState (deepseek.generation.constrained) whose mask constrains that row, or None.
     use_mtp: speculative decoding with the model's MTP layer drafting (greedy only; generation/speculative.py).
     compile: decode through the compiled one-token step (generation/compiled.py: 30 s - 2 min to compile once per
-    model, batch size and cache bucket, kept out of decode_seconds; same tokens, ~2x faster per step on CPU at small batch; at batch sizes where it
-    does not pay (`compiled.pays_off`) decoding stays eager; `out.stats["compiled"]` says which ran)."""
+    model, batch size and cache bucket, kept out of decode_seconds; same tokens, ~2x faster per step on CPU at
+    small batch; where it does not pay (`compiled.pays_off`) decoding stays eager; `out.stats["compiled"]` says
+    which ran)."""
     if use_mtp and compile:
         raise ValueError("compile=True and use_mtp=True cannot be combined yet: MTP drafting runs eager")
     if use_mtp:
