@@ -41,12 +41,16 @@ def add_parser(sub) -> None:
                    help="with --view: kv_lead_layer saved in the model's config (the layer whose selection all read; default: keep the --init model's)")
     t.add_argument("--view-topk", type=int, default=None,
                    help="with --view: blocks read per query (default VIEW_SETTINGS' 2; 4 = two runs of 2)")
+    t.add_argument("--filler", default="repeat",
+                   help='haystack: "repeat" (Landmark), "essay", "train" (real prose of the training families) or one family')
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True, help="model folder or bundled name")
     e.add_argument("--lengths", default="4096,16384", help="comma-separated prompt lengths in tokens")
     e.add_argument("--trials", type=int, default=10, help="prompts per length (passkey depths)")
     e.add_argument("--keys", type=int, default=1, help="passkeys hidden per prompt")
     e.add_argument("--modes", default="full,compressed", help="comma-separated cache modes: full, compressed")
+    e.add_argument("--filler", default="repeat",
+                   help='haystack: "repeat", "essay", "train" or a real-prose family (held out: package-readmes)')
     e.add_argument("--ppl-lengths", default="", help="also perplexity on repeating prose of these lengths")
     t.set_defaults(func=run_train)
     e.set_defaults(func=run_eval)
@@ -66,7 +70,8 @@ def run_train(args) -> int:
                    min_length=args.min_length, tokenizer=args.tokenizer, gap_start=args.gap_start,
                    view=args.view, view_frac=args.view_frac, blind_recent=args.blind_recent,
                    blind_first_layer=args.blind_first_layer, lead_layer=args.lead_layer, view_topk=args.view_topk,
-                   view_source=tuple(int(x) for x in args.view_source.split(",")))  # fmt: skip
+                   view_source=tuple(int(x) for x in args.view_source.split(",")),
+                   filler=args.filler)  # fmt: skip
     print(json.dumps({"final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "seconds": round(time.time() - t0)}))
     return 0
 
@@ -77,9 +82,9 @@ def run_eval(args) -> int:
     from deepseek.eval.passkey import essay_ids, long_perplexity, model_tokenizer, passkey_accuracy
     from deepseek.model.longctx.prefill import extend_context
     from deepseek.sdk import R1Model
+    from deepseek.tasks.passkey import Passkey
 
-
-
+    Passkey(filler=args.filler)  # a bad --filler fails here, before the model loads
     model = R1Model.from_pretrained(args.model).eval()
     lengths = [int(x) for x in args.lengths.split(",")]
     extend_context(model, max(lengths) + 64)
@@ -87,7 +92,7 @@ def run_eval(args) -> int:
     for n in lengths:
         for mode in args.modes.split(","):
             acc = passkey_accuracy(model, n, args.trials, mode == "compressed", seed=n, keys=args.keys, progress=True,
-                                   tok=model_tokenizer(args.model))  # fmt: skip
+                                   tok=model_tokenizer(args.model), filler=args.filler)  # fmt: skip
             result[f"{n // 1024}k_{mode}"] = acc
             print(f"{n:>7} {mode:<10} {acc:.2f}", flush=True)
     skip = model.config.compression.window + 2 * model.config.compression.block_size  # where the caches start to differ

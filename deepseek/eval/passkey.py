@@ -75,11 +75,12 @@ def model_tokenizer(model_dir: str):
     return load_tokenizer(str(folder)) if (folder / "tokenizer.json").is_file() else BYTES
 
 
-def passkey_sample(rng: random.Random, length: int, keys: int = 1, tok=BYTES):
-    """(prompt ids (T,), key string): prompt + answer prefix is <= `length` tokens (exactly, for bytes)."""
+def passkey_sample(rng: random.Random, length: int, keys: int = 1, tok=BYTES, filler: str = "repeat"):
+    """(prompt ids (T,), key string): prompt + answer prefix is <= `length` tokens (exactly, for bytes).
+    filler: the haystack (deepseek.tasks.passkey: "repeat", "essay", "train" or a real-prose family)."""
     from deepseek.tasks.passkey import Passkey
 
-    task = Passkey(num_keys=keys, tokenizer=tok)
+    task = Passkey(num_keys=keys, tokenizer=tok, filler=filler)
     ex = task.make_example(rng, max(64, length - len(tok.encode(ANSWER_PREFIX))))
     return torch.tensor(tok.encode(ex["prompt"] + ANSWER_PREFIX)), str(ex["key"])
 
@@ -112,13 +113,14 @@ def small_config(**kw):
 
 
 @torch.inference_mode()
-def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1, tok=BYTES) -> dict:
-    """One greedy retrieval: a fresh prompt of `length` bytes (from Random(seed)) through the full or the
-    compressed cache. Returns {"hit", "answer", "key"}."""
+def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1, tok=BYTES,
+                  filler: str = "repeat") -> dict:  # fmt: skip
+    """One greedy retrieval: a fresh prompt of `length` bytes (from Random(seed)) with `filler` as haystack
+    through the full or the compressed cache. Returns {"hit", "answer", "key"}."""
     from deepseek.generation.loop import generate
     from deepseek.model.longctx.prefill import make_cache
 
-    prompt, key = passkey_sample(random.Random(seed), length, keys, tok)
+    prompt, key = passkey_sample(random.Random(seed), length, keys, tok, filler)
     ids = prompt[None]
     cache = make_cache(model.config, 1, ids.shape[1] + len(key) + 1, compressed=compressed)
     chunk = model.config.prefill_chunk if compressed else 256
@@ -128,12 +130,12 @@ def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1, tok
 
 
 def passkey_accuracy(model, length: int, trials: int, compressed: bool, seed: int = 0, keys: int = 1,
-                     progress: bool = False, tok=BYTES) -> float:  # fmt: skip
+                     progress: bool = False, tok=BYTES, filler: str = "repeat") -> float:  # fmt: skip
     """Fraction of `trials` prompts of `length` bytes whose greedy 5-digit answer equals the key. Trial i
     uses the prompt of Random(f"{seed}-{i}"), so any subset of trials can be rerun (or sharded) alone."""
     hits = 0
     for i in tqdm(range(trials), desc=f"passkey {length}", disable=not progress, leave=False):
-        hits += passkey_trial(model, length, compressed, f"{seed}-{i}", keys, tok)["hit"]
+        hits += passkey_trial(model, length, compressed, f"{seed}-{i}", keys, tok, filler)["hit"]
     return hits / trials
 
 

@@ -4,6 +4,10 @@ multi-key variant in the RULER style (several named keys, one is asked for).
 difficulty = the context length in tokens. Lengths are counted with `tokenizer` when one is given (exact);
 otherwise with a word-and-punctuation estimate, which is close to what a BPE tokenizer gives on English.
 The key sits at a random depth in the filler; `depth` in the example says where (0 = start, 1 = end).
+
+filler: "repeat" (the Landmark sentence, repeated), "essay" (the project's own prose, cycled), a real-prose
+family of deepseek.tasks.corpus (consecutive sentences from a random place in it, e.g. the held-out
+"package-readmes"), or "train" (each prompt from one of corpus.TRAIN_FAMILIES, chosen at random).
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ class Passkey(Task):
     def __init__(self, num_keys: int = 1, filler: str = "repeat", tokenizer=None):
         if num_keys < 1 or num_keys > len(NAMES):
             raise ValueError(f"passkey: num_keys must be in [1, {len(NAMES)}], got {num_keys}")
-        if filler not in ("repeat", "essay"):
-            raise ValueError(f"passkey: filler must be 'repeat' (Landmark) or 'essay', got {filler!r}")
+        from .corpus import FAMILIES, TRAIN_FAMILIES
+
+        if filler not in ("repeat", "essay", "train", *FAMILIES):
+            raise ValueError(f"passkey: filler must be 'repeat' (Landmark), 'essay', 'train' or a prose family "
+                             f"({', '.join(FAMILIES)}), got {filler!r}")  # fmt: skip
         self.num_keys, self.filler, self.tokenizer = num_keys, filler, tokenizer
+        self.families = TRAIN_FAMILIES if filler == "train" else (filler,) if filler in FAMILIES else ()
         self.sentences = re.findall(r"[^.!?]+[.!?]", " ".join(PROSE.split()))
         if num_keys > 1:
             self.name = f"passkey_multi{num_keys}"
@@ -53,8 +61,13 @@ class Passkey(Task):
     def _units(self, rng: random.Random, n: int) -> list[str]:
         if self.filler == "repeat":
             return [REPEATED] * n
-        start = rng.randrange(len(self.sentences))
-        return [self.sentences[(start + i) % len(self.sentences)].strip() for i in range(n)]
+        sentences = self.sentences
+        if self.families:
+            from .corpus import sentences as family_sentences
+
+            sentences = family_sentences(rng.choice(self.families))
+        start = rng.randrange(len(sentences))
+        return [sentences[(start + i) % len(sentences)].strip() for i in range(n)]
 
     def make_example(self, rng: random.Random, difficulty: int) -> dict:
         names = rng.sample(NAMES, self.num_keys) if self.num_keys > 1 else [None]
@@ -64,7 +77,7 @@ class Passkey(Task):
                    f"{f' for {nm}' if nm else ''}." for nm, k in zip(names, keys)]  # fmt: skip
         question = f"What is the pass key{f' for {names[query]}' if names[query] else ''}?"
         fixed = self.count(" ".join([INTRO, *needles, question]))
-        per_unit = max(1, self.count(" ".join(self._units(random.Random(0), 8))) // 8)
+        per_unit = max(1, self.count(" ".join(self._units(random.Random(0), 64))) // 64)
         n_units = max(len(needles), (difficulty - fixed) // per_unit)
         depths = sorted(rng.random() for _ in needles)
         unit_rng_seed = rng.random()

@@ -107,7 +107,7 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
 def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
                    pose: float = 0.8, min_length: int | None = None, tok=BYTES, max_gap: int | None = None,
                    view=None, view_frac: float = 0.75, view_source: tuple[int, int] = (1024, 8192),
-                   with_mask: bool = False, blind_first_layer: bool = False):  # fmt: skip
+                   with_mask: bool = False, blind_first_layer: bool = False, filler: str = "repeat"):  # fmt: skip
     """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
     rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
     they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for.
@@ -118,14 +118,15 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
     prefilled by tiles whose own selection (their mean query) was filler, so the model must not learn to
     route the key through them. blind_first_layer: mask (B, 2, T, T), [:, 0] for the first layer, where no
     recent token (the answer included) sees the selected blocks: the first layer's own selection (its query is
-    not a retrieval query) is filler as often as not, so retrieval is left to the later layers."""
+    not a retrieval query) is filler as often as not, so retrieval is left to the later layers.
+    filler: the haystack of every prompt ("repeat", or "train" for real prose of corpus.TRAIN_FAMILIES)."""
     ids, labels, pos, answer, masks = [], [], [], [], []
     for _ in range(batch):
         n_keys = rng.randint(1, keys)
         shortest = length // 2 if min_length is None else min(min_length, length - 8)
         cut = view is not None and rng.random() < view_frac
         prompt, key = passkey_sample(rng, rng.randint(*view_source) if cut else rng.randint(shortest, length - 8),
-                                     n_keys, tok)  # fmt: skip
+                                     n_keys, tok, filler)  # fmt: skip
         if view is not None and prompt.numel() > length - 8:  # many keys need more room: cut it as well
             cut = True
         if cut:  # one written copy of the asked key for sure, the rest of the needles (any key) maybe
@@ -206,7 +207,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
           gap_start: int | None = None, view: bool = False, view_frac: float = 0.75,
           view_source: tuple[int, int] = (1024, 8192), blind_recent: bool = False,
           blind_first_layer: bool = False, lead_layer: int | None = None,
-          view_topk: int | None = None) -> list[float]:  # fmt: skip
+          view_topk: int | None = None, filler: str = "repeat") -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
@@ -221,9 +222,16 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     layers > the init model's: deepen it first (which drops its kv_lead_layer). lead_layer (with view):
     kv_lead_layer for evaluation and saving; None keeps the init model's. view_topk (with view): blocks read
     per query instead of VIEW_SETTINGS' 2 (e.g. 4 = two runs of 2, room for a second needle in multi-key
-    views, so the model learns to pick the asked name's key among the needles selection brings)."""
+    views, so the model learns to pick the asked name's key among the needles selection brings).
+    filler: the haystack of training rows and in-training checks; the held-out prose family may not be used."""
     from deepseek import R1ForCausalLM
 
+    from .. import tasks
+    from ..tasks.corpus import HELD_OUT
+
+    if filler == HELD_OUT:
+        raise ValueError(f"passkey train: {HELD_OUT!r} is the held-out prose family; train on 'train' or another family")
+    tasks.Passkey(filler=filler)  # a bad filler fails here, before any work
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -239,7 +247,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         extra = {"kv_topk_blocks": view_topk} if view_topk is not None else {}
         if lead_layer is not None:
             extra["kv_lead_layer"] = lead_layer
-        model.config.set_components(**VIEW_SETTINGS, **extra)
+        model.config.set_components(**{**VIEW_SETTINGS, **extra})
         if length < view_length(model.config) + 8:
             raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
     eval_length = 4 * length if view else length  # views: prompts long enough to have sealed blocks
@@ -259,7 +267,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
                                                          min_length=min_length, tok=tok, max_gap=max_gap,
                                                          view=model.config if view else None, view_frac=view_frac,
                                                          view_source=view_source, with_mask=view and blind_recent,
-                                                         blind_first_layer=blind_first_layer)  # fmt: skip
+                                                         blind_first_layer=blind_first_layer, filler=filler)  # fmt: skip
         if mask:
             logits = masked_logits(model, ids, pos, mask[0])[:, :-1].float()  # (B, T-1, V)
         else:
@@ -278,10 +286,10 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             model.eval()
             acc = passkey_accuracy(model, eval_length, 16, compressed=view, seed=10_000 + step,
-                                   tok=tok)  # fmt: skip
+                                   tok=tok, filler=filler)  # fmt: skip
             if keys > 1:  # and the multi-key variant with the most keys
                 mk = passkey_accuracy(model, eval_length, 16, compressed=view,
-                                      seed=20_000 + step, keys=keys, tok=tok)  # fmt: skip
+                                      seed=20_000 + step, keys=keys, tok=tok, filler=filler)  # fmt: skip
                 multi_evals.append((step + 1, mk))
             model.train()
             evals.append((step + 1, acc))
@@ -299,7 +307,7 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
            "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "layers": model.config.num_hidden_layers, "lead_layer": model.config.compression.lead_layer, "losses": losses, "answer_losses": answer_losses,
-           "evals": evals, "multi_evals": multi_evals, "view_topk": model.config.compression.topk_blocks if view else None}  # fmt: skip
+           "evals": evals, "multi_evals": multi_evals, "view_topk": model.config.compression.topk_blocks if view else None, "filler": filler}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
 
