@@ -6,6 +6,8 @@
     python benchmarks/long_context.py --lengths 4096,131072 --passkey-trials 5
     python benchmarks/long_context.py --model runs/passkey --no-timing --jobs 2 --passkey-trials 20 \
         --multikey 4 --ppl-lengths 16384                        # accuracy only, 2 worker processes
+    python benchmarks/long_context.py --model deepseek/passkey-128k --no-timing \
+        --fillers repeat,package-readmes                        # and on held-out real prose
 
 Every (mode, length) runs in a fresh process so its peak RSS is its own. Per case: cache bytes on the
 compute device (compressed: sinks + window + summaries, + 4-bit payload unless offloaded), total cache bytes,
@@ -118,16 +120,17 @@ def _worker_init(path: str, max_len: int, threads: int) -> None:
 
 
 def _accuracy_job(job: tuple) -> tuple:
-    """job = (kind, mode, length, i, keys): one passkey trial or one perplexity measurement."""
+    """job = (kind, mode, length, i, keys, filler): one passkey trial or one perplexity measurement."""
     from deepseek.eval.passkey import essay_ids, long_perplexity, passkey_trial
 
-    kind, mode, length, i, keys = job
+    kind, mode, length, i, keys, filler = job
     t = time.perf_counter()
     if kind == "ppl":
         skip = _MODEL.config.compression.window + 2 * _MODEL.config.compression.block_size  # where the two caches start to differ
         value = long_perplexity(_MODEL, essay_ids(length, tok=_TOK), mode == "compressed", skip=skip)
     else:
-        value = passkey_trial(_MODEL, length, mode == "compressed", f"{length}-{keys}-{i}", keys, _TOK)
+        seed = f"{length}-{keys}-{i}" if filler == "repeat" else f"{length}-{keys}-{i}-{filler}"
+        value = passkey_trial(_MODEL, length, mode == "compressed", seed, keys, _TOK, filler)
     return job, value, time.perf_counter() - t
 
 
@@ -137,11 +140,12 @@ def accuracy_phase(args, lengths: list[int]) -> dict:
     for n in lengths:
         modes = ["compressed"] + (["full"] if n <= args.full_prefill_max else [])
         for mode in modes:
-            jobs += [("passkey", mode, n, i, 1) for i in range(args.passkey_trials)]
-            if args.multikey:
-                jobs += [("multikey", mode, n, i, args.multikey) for i in range(args.multikey_trials)]
+            for filler in args.fillers:
+                jobs += [("passkey", mode, n, i, 1, filler) for i in range(args.passkey_trials)]
+                if args.multikey:
+                    jobs += [("multikey", mode, n, i, args.multikey, filler) for i in range(args.multikey_trials)]
     for n in args.ppl_lengths:
-        jobs += [("ppl", mode, n, 0, 1) for mode in ("compressed", "full")]
+        jobs += [("ppl", mode, n, 0, 1, "essay") for mode in ("compressed", "full")]
     jobs.sort(key=lambda j: -j[2] * (4 if j[1] == "full" else 1))  # full prefill is quadratic
     ctx = mp.get_context("spawn")
     out: dict = {}
@@ -149,36 +153,40 @@ def accuracy_phase(args, lengths: list[int]) -> dict:
     max_len = max(lengths + args.ppl_lengths) + 64
     with ctx.Pool(args.jobs, _worker_init, (args.model, max_len, args.threads)) as pool:
         for done, (job, value, secs) in enumerate(pool.imap_unordered(_accuracy_job, jobs), 1):
-            out.setdefault(job[:3], []).append(value)
+            out.setdefault((*job[:3], job[5]), []).append(value)
             elapsed = time.perf_counter() - t0
             eta = elapsed / done * (len(jobs) - done)
             hit = value if job[0] == "ppl" else value["hit"]
             miss = "" if job[0] == "ppl" or hit else f" prompt {job[3]}: {value['answer']!r} for {value['key']!r}"
-            print(f"  [{done}/{len(jobs)} {elapsed:.0f}s, ETA {eta:.0f}s] {job[0]} {job[1]} {job[2]}: {hit}{miss} "
+            print(f"  [{done}/{len(jobs)} {elapsed:.0f}s, ETA {eta:.0f}s] {job[0]} {job[5]} {job[1]} {job[2]}: {hit}{miss} "
                   f"({secs:.0f} s)", flush=True)  # fmt: skip
     return out
 
 
-def accuracy_report(acc: dict, lengths: list[int], ppl_lengths: list[int]) -> dict:
-    def rate(kind, mode, n):
-        v = acc.get((kind, mode, n))
+def accuracy_report(acc: dict, lengths: list[int], ppl_lengths: list[int], fillers=("repeat",)) -> dict:
+    """Accuracy per (filler, length); JSON keys {k}_passkey_comp etc., suffixed _{filler} unless "repeat"."""
+
+    def rate(kind, mode, n, filler):
+        v = acc.get((kind, mode, n, filler))
         return None if not v else round(sum(x["hit"] for x in v) / len(v), 4)
 
-    result = {}
-    print(f"\n{'length':>8} {'passkey comp':>13} {'passkey full':>13} {'multikey comp':>14} {'multikey full':>14}")
-    for n in lengths:
-        k = f"{n // 1024}k"
-        row = [rate("passkey", "compressed", n), rate("passkey", "full", n), rate("multikey", "compressed", n),
-               rate("multikey", "full", n)]  # fmt: skip
-        print(f"{n:>8} " + " ".join(f"{'-' if v is None else f'{v:.1%}':>13}" for v in row))
-        result[f"{k}_passkey_comp"], result[f"{k}_passkey_full"] = row[0], row[1]
-        if row[2] is not None:
-            result[f"{k}_multikey_comp"], result[f"{k}_multikey_full"] = row[2], row[3]
-    pairs = [(result[f"{n // 1024}k_passkey_comp"], result[f"{n // 1024}k_passkey_full"]) for n in lengths]
-    gaps = [f - c for c, f in pairs if c is not None and f is not None]
+    result, gaps = {}, []
+    print(f"\n{'filler':<16} {'length':>8} {'passkey comp':>13} {'passkey full':>13} {'multikey comp':>14} {'multikey full':>14}")
+    for filler in fillers:
+        tag = "" if filler == "repeat" else f"_{filler}"
+        for n in lengths:
+            k = f"{n // 1024}k"
+            row = [rate("passkey", "compressed", n, filler), rate("passkey", "full", n, filler),
+                   rate("multikey", "compressed", n, filler), rate("multikey", "full", n, filler)]  # fmt: skip
+            print(f"{filler:<16} {n:>8} " + " ".join(f"{'-' if v is None else f'{v:.1%}':>13}" for v in row))
+            result[f"{k}_passkey_comp{tag}"], result[f"{k}_passkey_full{tag}"] = row[0], row[1]
+            if row[2] is not None:
+                result[f"{k}_multikey_comp{tag}"], result[f"{k}_multikey_full{tag}"] = row[2], row[3]
+            if row[0] is not None and row[1] is not None:
+                gaps.append(row[1] - row[0])
     result["passkey_max_drop_vs_full_points"] = round(100 * max(gaps), 1) if gaps else None
     for n in ppl_lengths:
-        c, f = acc[("ppl", "compressed", n)][0], acc[("ppl", "full", n)][0]
+        c, f = acc[("ppl", "compressed", n, "essay")][0], acc[("ppl", "full", n, "essay")][0]
         print(f"perplexity {n}: compressed {c:.4f}, full {f:.4f} ({100 * (c / f - 1):+.2f}%)")
         result[f"{n // 1024}k_ppl_comp"], result[f"{n // 1024}k_ppl_full"] = round(c, 4), round(f, 4)
     return result
@@ -217,6 +225,9 @@ def main():
     parser.add_argument("--passkey-trials", type=int, default=10)
     parser.add_argument("--multikey", type=int, default=0, help="also the multi-key variant with N keys")
     parser.add_argument("--multikey-trials", type=int, default=10)
+    parser.add_argument("--fillers", default="repeat",
+                        help='haystacks, comma-separated: "repeat" (Landmark), "essay", or a real-prose family of '
+                             'deepseek.tasks.corpus (held out from training: package-readmes)')  # fmt: skip
     parser.add_argument("--ppl-lengths", default="", help="also perplexity of both caches on prose of these lengths")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the accuracy phase")
     parser.add_argument("--no-timing", action="store_true", help="accuracy phase only (needs --model)")
@@ -232,6 +243,12 @@ def main():
     if any(n <= 0 for n in lengths):
         raise SystemExit(f"--lengths must be positive integers, got {args.lengths}")
     args.ppl_lengths = [int(x) for x in args.ppl_lengths.split(",") if x]
+    from deepseek.tasks.corpus import FAMILIES
+
+    args.fillers = [f for f in args.fillers.split(",") if f]
+    bad = [f for f in args.fillers if f not in ("repeat", "essay", *FAMILIES)]
+    if bad or not args.fillers:
+        raise SystemExit(f"--fillers: unknown haystack {bad or args.fillers}; choose from repeat, essay, {', '.join(FAMILIES)}")
     if args.no_timing and not args.model:
         raise SystemExit("--no-timing measures accuracy only, which needs --model")
     if args.jobs < 1:
@@ -242,7 +259,7 @@ def main():
         raise SystemExit("--no-timing and --no-accuracy together leave nothing to measure")
     if args.model and not args.no_accuracy:
         acc = accuracy_phase(args, lengths)
-        result.update(accuracy_report(acc, lengths, args.ppl_lengths))
+        result.update(accuracy_report(acc, lengths, args.ppl_lengths, args.fillers))
         if args.no_timing:
             print(json.dumps(result))
             return
