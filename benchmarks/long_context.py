@@ -170,15 +170,25 @@ def accuracy_report(acc: dict, lengths: list[int], ppl_lengths: list[int], fille
         v = acc.get((kind, mode, n, filler))
         return None if not v else round(sum(x["hit"] for x in v) / len(v), 4)
 
+    def selected(kind, n, filler):  # how often the lead layer's selection held the asked key (when it was sealed)
+        v = [x["selected"] for x in acc.get((kind, "compressed", n, filler), []) if x.get("selected") is not None]
+        return None if not v else round(sum(v) / len(v), 4)
+
     result, gaps = {}, []
-    print(f"\n{'filler':<16} {'length':>8} {'passkey comp':>13} {'passkey full':>13} {'multikey comp':>14} {'multikey full':>14}")
+    print(f"\n{'filler':<16} {'length':>8} {'passkey comp':>13} {'passkey full':>13} {'multikey comp':>14} {'multikey full':>14}"
+          f" {'key selected (1 / multi)':>25}")  # fmt: skip
     for filler in fillers:
         tag = "" if filler == "repeat" else f"_{filler}"
         for n in lengths:
             k = f"{n // 1024}k"
             row = [rate("passkey", "compressed", n, filler), rate("passkey", "full", n, filler),
                    rate("multikey", "compressed", n, filler), rate("multikey", "full", n, filler)]  # fmt: skip
-            print(f"{filler:<16} {n:>8} " + " ".join(f"{'-' if v is None else f'{v:.1%}':>13}" for v in row))
+            sel = [selected("passkey", n, filler), selected("multikey", n, filler)]
+            print(f"{filler:<16} {n:>8} " + " ".join(f"{'-' if v is None else f'{v:.1%}':>13}" for v in row)
+                  + f" {' / '.join('-' if v is None else f'{v:.0%}' for v in sel):>25}")  # fmt: skip
+            result[f"{k}_passkey_selected{tag}"] = sel[0]
+            if row[2] is not None:
+                result[f"{k}_multikey_selected{tag}"] = sel[1]
             result[f"{k}_passkey_comp{tag}"], result[f"{k}_passkey_full{tag}"] = row[0], row[1]
             if row[2] is not None:
                 result[f"{k}_multikey_comp{tag}"], result[f"{k}_multikey_full{tag}"] = row[2], row[3]

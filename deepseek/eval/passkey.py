@@ -124,9 +124,39 @@ def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1, tok
     ids = prompt[None]
     cache = make_cache(model.config, 1, ids.shape[1] + len(key) + 1, compressed=compressed)
     chunk = model.config.prefill_chunk if compressed else 256
-    out = generate(model, ids, max_new_tokens=len(key), cache=cache, prefill_chunk=chunk).new_tokens[0]
+    if compressed and cache.lead is not None:  # prefill first, to see what the lead layer selected for the answer
+        from deepseek.model.longctx.prefill import chunked_prefill
+
+        nxt_B = chunked_prefill(model, ids, cache).argmax(-1)  # (1,) greedy, as generate decodes
+        found = selected_key(prompt, key, cache, tok)
+        out = [int(nxt_B)]
+        for i in range(len(key) - 1):
+            pos = torch.tensor([[ids.shape[1] + i]])
+            h = model.model(input_ids=nxt_B[:, None], position_ids=pos, cache=cache).last_hidden_state
+            nxt_B = model.lm_head(h[:, -1]).argmax(-1)
+            out.append(int(nxt_B))
+    else:
+        found = None
+        out = generate(model, ids, max_new_tokens=len(key), cache=cache, prefill_chunk=chunk).new_tokens[0]
     answer = tok.decode(out)
-    return {"hit": answer == key, "answer": answer, "key": key}
+    return {"hit": answer == key, "answer": answer, "key": key, "selected": found}
+
+
+def selected_key(prompt_T: torch.Tensor, key: str, cache, tok=BYTES) -> bool | None:
+    """After the prefill: does the lead layer's selection (the blocks every layer reads for the first answer
+    token, with the sinks and the recent buffer) hold one written copy of the asked key whole? None when the
+    key is in the sinks or recent buffer anyway, or nothing is sealed."""
+    idx = cache.lead_idx
+    st = cache.store[cache.lead]
+    if idx is None or not st.n_blocks:
+        return None
+    b, sink = cache.block, cache.sink_len
+    chosen = set(idx.flatten().tolist())
+    spans = [sp for sp in needle_spans(prompt_T, tok, keys=True) if tok.decode(prompt_T[sp[0] : sp[1]].tolist()) == key]
+    sealed_end = sink + st.n_blocks * b
+    if any(a < sink or z > sealed_end for a, z in spans):
+        return None
+    return any(all((p - sink) // b in chosen for p in range(a, z)) for a, z in spans)
 
 
 def passkey_accuracy(model, length: int, trials: int, compressed: bool, seed: int = 0, keys: int = 1,

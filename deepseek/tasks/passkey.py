@@ -77,10 +77,14 @@ class Passkey(Task):
                    f"{f' for {nm}' if nm else ''}." for nm, k in zip(names, keys)]  # fmt: skip
         question = f"What is the pass key{f' for {names[query]}' if names[query] else ''}?"
         fixed = self.count(" ".join([INTRO, *needles, question]))
-        per_unit = max(1, self.count(" ".join(self._units(random.Random(0), 64))) // 64)
-        n_units = max(len(needles), (difficulty - fixed) // per_unit)
         depths = sorted(rng.random() for _ in needles)
         unit_rng_seed = rng.random()
+        # bytes per unit, from the units this prompt will use when they come from a real-prose family (whose
+        # sentences differ in length from family to family)
+        estimate_seed = unit_rng_seed if self.families else 0
+        n_est = 64 if self.families else 8
+        per_unit = max(1, self.count(" ".join(self._units(random.Random(estimate_seed), n_est))) // n_est)
+        n_units = max(len(needles), (difficulty - fixed) // per_unit)
         while True:  # shrink until the measured length fits (the estimate of a unit is not exact)
             units = self._units(random.Random(unit_rng_seed), n_units)
             slots = [min(n_units, round(d * n_units)) for d in depths]
@@ -91,9 +95,9 @@ class Passkey(Task):
                     parts.append(units[i])
             prompt = " ".join(parts) + "\n" + question
             length = self.count(prompt)
-            if length <= difficulty or n_units <= len(needles):
+            if length <= difficulty or n_units == 0:
                 break
-            n_units -= max(1, (length - difficulty) // per_unit)
+            n_units = max(0, n_units - max(1, (length - difficulty) // per_unit))
         key, name = keys[query], names[query]
         needle = needles[query].split(" Remember it.")[0]
         reasoning = (f"I look through the text for the pass key{f' for {name}' if name else ''}.\n"

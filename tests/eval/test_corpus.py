@@ -70,3 +70,16 @@ def test_bad_filler_and_training_on_the_held_out_family_are_refused(tmp_path):
     with pytest.raises(ValueError, match="held-out prose family"):
         train(str(tmp_path / "m"), steps=1, filler=corpus.HELD_OUT)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("family", [*corpus.FAMILIES, "train"])
+def test_every_needle_is_in_the_prompt_whatever_the_sentence_lengths(family):
+    # a family of long sentences once shrank the haystack below zero units, dropping every needle
+    from deepseek.eval.passkey import BYTES, needle_spans, passkey_sample
+
+    rng = random.Random(family)
+    for _ in range(150):
+        keys, length = rng.randint(1, 4), rng.randint(1200, 3000)
+        prompt, key = passkey_sample(rng, length, keys, BYTES, family)
+        assert len(needle_spans(prompt, BYTES)) == keys
+        assert prompt.numel() <= length

@@ -83,3 +83,26 @@ def test_bundled_passkey_model_retrieves_at_4k_through_the_compressed_cache(one_
     tok = model_tokenizer("deepseek/passkey-128k")  # bytes: the model has no tokenizer.json
     trials = [passkey_trial(model, 4096, True, f"test-{i}", tok=tok) for i in range(3)]
     assert all(t["hit"] for t in trials), trials  # 64 sealed blocks, 2 read: the needle's run is found
+    assert all(t["selected"] is True for t in trials), trials  # the lead layer read a written copy of the key
+
+
+def test_selected_key_says_whether_the_lead_layer_read_the_asked_key(one_thread):
+    import random
+
+    from deepseek import R1ForCausalLM
+    from deepseek.eval.passkey import BYTES, needle_spans, passkey_sample, selected_key
+    from deepseek.model.longctx.prefill import chunked_prefill, make_cache
+
+    model = R1ForCausalLM.from_pretrained("deepseek/passkey-128k").eval()
+    prompt, key = passkey_sample(random.Random("sel-3"), 3000, 1, BYTES, "licenses")
+    cache = make_cache(model.config, 1, prompt.numel() + 8, compressed=True)
+    chunked_prefill(model, prompt[None], cache)
+    (a, z), _ = needle_spans(prompt, BYTES, keys=True)
+    b, sink = cache.block, cache.sink_len
+    home = [(p - sink) // b for p in range(a, z)]  # the blocks holding the first written copy
+    assert (a - sink) // b < cache.store[cache.lead].n_blocks - 4
+    cache.lead_idx = torch.tensor([[sorted(set(home))]])
+    assert selected_key(prompt, key, cache, BYTES) is True
+    far = [j for j in range(cache.store[cache.lead].n_blocks) if abs(j - home[0]) > 3][:2]
+    cache.lead_idx = torch.tensor([[far]])
+    assert selected_key(prompt, key, cache, BYTES) is False
