@@ -228,7 +228,7 @@ class Case:
         if self.kind == "v4":
             from deepseek.model.v4 import V4Cache
 
-            return V4Cache(self.config)
+            return V4Cache(self.config, max_len=self.positions)
         from deepseek.model.longctx import make_cache
 
         return make_cache(self.config, 1, self.positions, compressed=self.kind == "compressed")

@@ -143,6 +143,21 @@ def test_cached_decode_equals_full_forward(pair):
     assert held["indexer"] == 2 * 2 * (30 // 4) * cfg.index_head_dim * 4
 
 
+def test_decode_cache_allocated_once_or_grown_gives_the_same_steps(pair):
+    _, ours = pair
+    ids = torch.randint(3, 211, (1, 70), generator=torch.Generator().manual_seed(3))
+    out = {}
+    with torch.no_grad():
+        for max_len in (None, 70):
+            cache = V4Cache(ours.config, max_len=max_len)
+            steps = [ours(ids[:, :5], cache=cache)] + [ours(ids[:, t : t + 1], cache=cache) for t in range(5, 70)]
+            out[max_len] = (torch.cat(steps, 1), cache.nbytes())
+    assert torch.equal(out[None][0], out[70][0])
+    cfg = ours.config
+    assert out[70][1]["compressed"] == (2 * (70 // 4) + 70 // 8) * cfg.head_dim * 4  # exact: allocated once
+    assert out[70][1]["compressed"] <= out[None][1]["compressed"] <= 1.25 * out[70][1]["compressed"] + 4 * cfg.head_dim * 4
+
+
 def test_round_trips_both_ways(pair, tmp_path):
     hf, ours = pair
     ids = torch.randint(3, 211, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -31,12 +31,16 @@ class CompressorState:
     pending_kv: torch.Tensor | None = None  # (B, < m, F2) projections of an unfinished window
     pending_gate: torch.Tensor | None = None
     overlap: tuple[torch.Tensor, torch.Tensor] | None = None  # CSA: last window's first half (kv, gate+bias)
-    entries: torch.Tensor | None = None  # (B, W, F)
+    entries: torch.Tensor | None = None  # (B, W, F): a view of the first W rows of buffer
+    buffer: torch.Tensor | None = None  # (B, capacity, F)
     count: int = 0  # entries emitted
 
 
 class V4Cache:
-    def __init__(self, config):
+    def __init__(self, config, max_len: int | None = None):
+        """max_len: positions the cache will hold; each compressor's entries are then allocated once, exactly
+        (max_len // m), as LatentCache allocates its latents. Without it they grow by a quarter when full."""
+        self.max_len = max_len
         self.window = config.sliding_window
         self.kv: dict[int, torch.Tensor] = {}
         self.seen: dict[int, int] = {}
@@ -65,10 +69,23 @@ class V4Cache:
         s.pending_kv, s.pending_gate = kv_BTF[:, usable:], gate_BTF[:, usable:]
         return kv_BTF[:, :usable], gate_BTF[:, :usable], s.count * rate, s.overlap
 
-    def add_entries(self, layer_idx: int, name: str, entries_BWF, overlap=None) -> torch.Tensor:
+    def add_entries(self, layer_idx: int, name: str, entries_BWF, overlap=None, rate: int = 1) -> torch.Tensor:
+        """Append entries (one per `rate` tokens); returns every entry so far (B, W, F), a view of a buffer
+        allocated for max_len // rate entries (or grown by a quarter when full), so a decode step copies nothing
+        (it adds one entry every `rate` steps, or none)."""
         s = self.states[(layer_idx, name)]
-        s.entries = entries_BWF if s.entries is None else torch.cat((s.entries, entries_BWF), 1)
-        s.count += entries_BWF.shape[1]
+        B, W, F = entries_BWF.shape
+        n = s.count + W
+        if s.buffer is None or s.buffer.shape[1] < n:
+            planned = self.max_len // rate if self.max_len else 0
+            grown = s.buffer.shape[1] * 5 // 4 if s.buffer is not None else 0
+            grown = entries_BWF.new_empty(B, max(n, planned, grown), F)
+            if s.count:
+                grown[:, : s.count] = s.buffer[:, : s.count]
+            s.buffer = grown
+        s.buffer[:, s.count : n] = entries_BWF
+        s.count = n
+        s.entries = s.buffer[:, :n]
         if overlap is not None:
             s.overlap = overlap
         return s.entries
@@ -77,8 +94,8 @@ class V4Cache:
         """Bytes held: the windows, the compressed entries, the indexer keys, and the pending / overlap state."""
         out = {"window": sum(t.nbytes for t in self.kv.values()), "compressed": 0, "indexer": 0, "pending": 0}
         for (_, name), s in self.states.items():
-            if s.entries is not None:
-                out["indexer" if name == "indexer" else "compressed"] += s.entries.nbytes
+            if s.buffer is not None:  # what is allocated (at most 1/4 above the entries held)
+                out["indexer" if name == "indexer" else "compressed"] += s.buffer.nbytes
             for t in (s.pending_kv, s.pending_gate, *(s.overlap or ())):
                 out["pending"] += 0 if t is None else t.nbytes
         return out

@@ -84,7 +84,7 @@ class Compressor(nn.Module):
             out = rope_tail(out, cos, sin)
         else:
             out = x_BTD.new_zeros(B, 0, self.width)
-        return cache.add_entries(layer_idx, name, out, overlap)
+        return cache.add_entries(layer_idx, name, out, overlap, rate=m)
 
 
 class Scorer(nn.Module):
@@ -114,6 +114,15 @@ class Indexer(Compressor):
         idx = score_BTW.topk(min(self.topk, W), dim=-1).indices
         chosen = torch.zeros(B, T, W, dtype=torch.bool, device=x_BTD.device).scatter_(-1, idx, True)
         return chosen & visible_BTW
+
+
+def chosen_entries(c_BWE: torch.Tensor, chosen_B1W: torch.Tensor, k: int):
+    """One query's k chosen entries gathered (B, k, E) with their mask (B, 1, k): attention over them equals
+    attention over all W under the mask (the set is the same; only the summation order differs). The reference
+    path is the masked one, taken by prefill and whenever W <= k."""
+    idx_Bk = chosen_B1W[:, 0].to(torch.uint8).topk(k, dim=-1).indices  # the chosen first (fewer: masked fill)
+    picked_BkE = c_BWE.gather(1, idx_Bk[..., None].expand(-1, -1, c_BWE.shape[-1]))
+    return picked_BkE, chosen_B1W.gather(-1, idx_Bk[:, None])
 
 
 class Attention(nn.Module):
@@ -163,6 +172,8 @@ class Attention(nn.Module):
                 visible_BTW = torch.arange(W, device=x_BTD.device) < ((positions_BT + 1) // m)[..., None]
             if self.compressor.indexer is not None:
                 visible_BTW = self.compressor.indexer.select(x_BTD, q_BTQ, cos, sin, visible_BTW, rotary, cache, layer_idx)
+                if T == 1 and W > self.compressor.indexer.topk:  # a decode step reads its k entries, not all W
+                    c_BWE, visible_BTW = chosen_entries(c_BWE, visible_BTW, self.compressor.indexer.topk)
             kv_BSE = torch.cat((kv_BSE, c_BWE), dim=1)
             mask_BTS = torch.cat((mask_BTS, visible_BTW), dim=-1)
         scores_BHTS = torch.einsum("bthe,bse->bhts", q_BTHE, kv_BSE) * E**-0.5
