@@ -43,6 +43,11 @@ def add_parser(sub) -> None:
                    help="with --view: blocks read per query (default VIEW_SETTINGS' 2; 4 = two runs of 2)")
     t.add_argument("--filler", default="repeat",
                    help='haystack: "repeat" (Landmark), "essay", "train" (real prose of the training families) or one family')
+    t.add_argument("--longdoc", type=float, default=0.0,
+                   help="fraction of rows that are variable-tracking or clause questions (deepseek.tasks.haystack)")
+    t.add_argument("--select-weight", type=float, default=0.0,
+                   help="with --view and a lead layer: weight of the loss that trains block selection (train/selection.py)")
+    t.add_argument("--select-rows", type=int, default=4, help="with --select-weight: rows per step it is applied to")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True, help="model folder or bundled name")
     e.add_argument("--lengths", default="4096,16384", help="comma-separated prompt lengths in tokens")
@@ -71,7 +76,8 @@ def run_train(args) -> int:
                    view=args.view, view_frac=args.view_frac, blind_recent=args.blind_recent,
                    blind_first_layer=args.blind_first_layer, lead_layer=args.lead_layer, view_topk=args.view_topk,
                    view_source=tuple(int(x) for x in args.view_source.split(",")),
-                   filler=args.filler)  # fmt: skip
+                   filler=args.filler, longdoc=args.longdoc, select_weight=args.select_weight,
+                   select_rows=args.select_rows)  # fmt: skip
     print(json.dumps({"final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "seconds": round(time.time() - t0)}))
     return 0
 

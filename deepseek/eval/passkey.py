@@ -199,3 +199,29 @@ def long_perplexity(model, ids_T: torch.Tensor, compressed: bool, chunk: int = 5
         nll -= float(lp[keep].sum())
         count += int(keep.sum())
     return math.exp(nll / max(1, count))
+
+
+@torch.inference_mode()
+def longdoc_trial(model, kind: str, length: int, compressed: bool, seed, tok=BYTES, filler: str = "package-readmes",
+                  distractors: int = 3) -> dict:  # fmt: skip
+    """One greedy answer to a long-document question (deepseek.tasks.haystack: "variables" or "clause") of
+    `length` tokens through the full or compressed cache. Returns {"hit", "answer", "key", "seconds"}, seconds =
+    time to answer (prefill + decoding the answer)."""
+    import time
+
+    from deepseek.generation.loop import generate
+    from deepseek.model.longctx.prefill import make_cache
+    from deepseek.tasks.haystack import LongDocument
+
+    task = LongDocument(kind, filler=filler, distractors=distractors, tokenizer=tok)
+    rng = random.Random(seed)
+    probe = task.make_example(random.Random(seed), 64)  # the answer prefix's length is fixed per kind
+    ex = task.make_example(rng, max(64, length - len(tok.encode(probe["answer_prefix"]))))
+    ids = torch.tensor([tok.encode(ex["prompt"] + ex["answer_prefix"])])
+    n = len(tok.encode(ex["answer"]))
+    t0 = time.perf_counter()
+    cache = make_cache(model.config, 1, ids.shape[1] + n + 1, compressed=compressed)
+    chunk = model.config.prefill_chunk if compressed else 256
+    out = generate(model, ids, max_new_tokens=n, cache=cache, prefill_chunk=chunk).new_tokens[0]
+    answer = tok.decode(out)
+    return {"hit": answer == ex["answer"], "answer": answer, "key": ex["answer"], "seconds": time.perf_counter() - t0}

@@ -70,23 +70,26 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
-    def forward(self, x_BTD, cos, sin, mask_BTS=None, cache=None):
+    def queries(self, x_BTD, cos, sin):
+        """(q latent (B, T, Q) or None, q_nope (B, T, H, N), roped q_pe (B, T, H, R))."""
         B, T, _ = x_BTD.shape
-        H = self.n_heads
         if self.q_lora_rank is None:
             q_BTQ, q = None, self.q_proj(x_BTD)
         else:
             q_BTQ = self.q_a_layernorm(self.q_a_proj(x_BTD))  # the q latent (also the indexer's input)
             q = self.q_b_proj(q_BTQ)
-        q_BTHK = q.view(B, T, H, self.qk_dim)
-        q_nope, q_pe = q_BTHK.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        q_nope, q_pe = q.view(B, T, self.n_heads, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_BTQ, q_nope, apply_rope(q_pe, cos, sin, self.interleave)
 
-        kv_a = self.kv_a_proj_with_mqa(x_BTD)
-        kv_BTC, pe_BTR = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv_BTC = self.kv_a_layernorm(kv_BTC)
-        pe_BTR = apply_rope(pe_BTR, cos, sin, self.interleave)
+    def latent_keys(self, x_BTD, cos, sin):
+        """What the cache stores per token: the normalised latent (B, T, C) and the roped key part (B, T, R)."""
+        kv_BTC, pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(kv_BTC), apply_rope(pe_BTR, cos, sin, self.interleave)
 
+    def forward(self, x_BTD, cos, sin, mask_BTS=None, cache=None):
+        T = x_BTD.shape[1]
+        q_BTQ, q_nope, q_pe = self.queries(x_BTD, cos, sin)
+        kv_BTC, pe_BTR = self.latent_keys(x_BTD, cos, sin)
         w_uk_HNC, w_uv_HVC = self.absorbed_weights()
         query = LatentQuery(q_nope, q_pe, w_uk_HNC, self.scale)
         if cache is not None:

@@ -104,10 +104,46 @@ def compact_view(rng: random.Random, prompt_T: torch.Tensor, config, must: list[
     return (view, sink + k * b, view.numel() - last_chunk) if layout else view
 
 
+def longdoc_sample(rng: random.Random, length: int, tok=BYTES, filler: str = "train"):
+    """(prompt + answer prefix ids (T,), answer, spans that must be read, distractor spans): a variable-tracking
+    or clause question of <= `length` tokens (deepseek.tasks.haystack) with 1-3 distractors. Byte tokens only
+    (spans are character offsets)."""
+    from ..tasks.haystack import LongDocument
+
+    if not isinstance(tok, type(BYTES)):
+        raise ValueError("long-document training rows need the byte tokenizer (their spans are character offsets)")
+    task = LongDocument(rng.choice(["variables", "clause"]), filler=filler, distractors=rng.randint(1, 3), tokenizer=tok)
+    ex = task.make_example(rng, max(64, length - 16))
+    ids = torch.tensor(tok.encode(ex["prompt"] + ex["answer_prefix"]))
+    return ids, ex["answer"], ex["spans"], ex["spans"] + ex["other_spans"]
+
+
+def selection_row(config, source_T, view_T, tail: int, must, answer_len: int) -> dict | None:
+    """What train/selection.py needs of a view row: the source prompt, its sealed blocks when the last tile
+    selects, the blocks of each must-read span (sealed ones only), the last tile's and the answer's decoding
+    positions in the view. None if the view is the whole prompt or no must-read span is sealed."""
+    b = config.compression.block_size
+    sink = config.compression.sink_blocks * b
+    if tail == 0:
+        return None
+    last_chunk = view_T.numel() - tail
+    n = max(0, (source_T.numel() - last_chunk - config.compression.window - sink) // b)
+    targets = []
+    for a, z in must:
+        if a >= sink and z <= sink + n * b:
+            targets.append(list(range((a - sink) // b, (z - 1 - sink) // b + 1)))
+    if not targets or n <= config.compression.topk_blocks:
+        return None
+    plen = view_T.numel()
+    return {"source": source_T, "n_blocks": n, "targets": targets, "tile": (tail, plen),
+            "decode": list(range(plen, plen + answer_len - 1))}  # fmt: skip
+
+
 def training_batch(rng: random.Random, batch: int, length: int, max_position: int, keys: int = 1,
                    pose: float = 0.8, min_length: int | None = None, tok=BYTES, max_gap: int | None = None,
                    view=None, view_frac: float = 0.75, view_source: tuple[int, int] = (1024, 8192),
-                   with_mask: bool = False, blind_first_layer: bool = False, filler: str = "repeat"):  # fmt: skip
+                   with_mask: bool = False, blind_first_layer: bool = False, filler: str = "repeat",
+                   longdoc: float = 0.0, sources: list | None = None):  # fmt: skip
     """ids (B, T), labels (B, T), position_ids (B, T) with one PoSE gap per row (in a `pose` fraction of
     rows), answer (B, T) bool marking the retrieved key digits and their full stop (weighted in the loss:
     they are the only bytes that need retrieval). keys > 1: 1..keys named keys per row, one asked for.
@@ -119,22 +155,34 @@ def training_batch(rng: random.Random, batch: int, length: int, max_position: in
     route the key through them. blind_first_layer: mask (B, 2, T, T), [:, 0] for the first layer, where no
     recent token (the answer included) sees the selected blocks: the first layer's own selection (its query is
     not a retrieval query) is filler as often as not, so retrieval is left to the later layers.
-    filler: the haystack of every prompt ("repeat", or "train" for real prose of corpus.TRAIN_FAMILIES)."""
+    filler: the haystack of every prompt ("repeat", or "train" for real prose of corpus.TRAIN_FAMILIES).
+    longdoc: fraction of rows that are variable-tracking or clause questions instead (longdoc_sample).
+    sources: a list to append, per row, what selection training needs (train/selection.py): for a view row whose
+    must-read spans lie in sealed blocks, {"source", "n_blocks", "targets", "tile", "decode"}; else None."""
     ids, labels, pos, answer, masks = [], [], [], [], []
     for _ in range(batch):
         n_keys = rng.randint(1, keys)
         shortest = length // 2 if min_length is None else min(min_length, length - 8)
         cut = view is not None and rng.random() < view_frac
-        prompt, key = passkey_sample(rng, rng.randint(*view_source) if cut else rng.randint(shortest, length - 8),
-                                     n_keys, tok, filler)  # fmt: skip
+        n = rng.randint(*view_source) if cut else rng.randint(shortest, length - 8)
+        doc = rng.random() < longdoc
+        if doc:  # a variable-tracking or clause question (deepseek.tasks.haystack); its needles must all be read
+            prompt, key, must, spans = longdoc_sample(rng, n, tok, filler)
+        else:
+            prompt, key = passkey_sample(rng, n, n_keys, tok, filler)
         if view is not None and prompt.numel() > length - 8:  # many keys need more room: cut it as well
             cut = True
-        if cut:  # one written copy of the asked key for sure, the rest of the needles (any key) maybe
+        if cut and not doc:  # one written copy of the asked key for sure, the rest of the needles (any key) maybe
             spans = needle_spans(prompt, tok)
             copies = [sp for sp in needle_spans(prompt, tok, keys=True) if tok.decode(prompt[sp[0] : sp[1]].tolist()) == key]
-            prompt, sel_end, tail = compact_view(rng, prompt, view, [rng.choice(copies)], spans, layout=True)
+            must = [rng.choice(copies)]
+        if cut:
+            source = prompt
+            prompt, sel_end, tail = compact_view(rng, prompt, view, must, spans, layout=True)
         else:
             sel_end = tail = 0
+        if sources is not None:
+            sources.append(selection_row(view, source, prompt, tail, must, len(tok.encode(key))) if cut else None)
         row = torch.cat((prompt, torch.tensor(tok.encode(key + "."))))
         if row.numel() > length:
             raise ValueError(f"passkey training length {length} is below the shortest prompt + answer ({row.numel()})")
@@ -207,7 +255,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
           gap_start: int | None = None, view: bool = False, view_frac: float = 0.75,
           view_source: tuple[int, int] = (1024, 8192), blind_recent: bool = False,
           blind_first_layer: bool = False, lead_layer: int | None = None,
-          view_topk: int | None = None, filler: str = "repeat") -> list[float]:  # fmt: skip
+          view_topk: int | None = None, filler: str = "repeat", longdoc: float = 0.0,
+          select_weight: float = 0.0, select_rows: int = 4) -> list[float]:  # fmt: skip
     """Train the small byte-level model on passkey data; save it to `out` with a loss curve PNG.
 
     loss = mean next-byte loss + answer_weight * mean loss on the key bytes of the answer. Position skipping
@@ -223,7 +272,11 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     kv_lead_layer for evaluation and saving; None keeps the init model's. view_topk (with view): blocks read
     per query instead of VIEW_SETTINGS' 2 (e.g. 4 = two runs of 2, room for a second needle in multi-key
     views, so the model learns to pick the asked name's key among the needles selection brings).
-    filler: the haystack of training rows and in-training checks; the held-out prose family may not be used."""
+    filler: the haystack of training rows and in-training checks; the held-out prose family may not be used.
+    longdoc: fraction of rows that are variable-tracking or clause questions (deepseek.tasks.haystack).
+    select_weight (with view and a lead layer): weight of the selection loss (train/selection.py), which trains the
+    lead layer's block choice to find the must-read spans in the view rows' source prompts; on at most
+    select_rows rows per step (each costs a prefill of its source through the layers up to the lead layer)."""
     from deepseek import R1ForCausalLM
 
     from .. import tasks
@@ -232,6 +285,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if filler == HELD_OUT:
         raise ValueError(f"passkey train: {HELD_OUT!r} is the held-out prose family; train on 'train' or another family")
     tasks.Passkey(filler=filler)  # a bad filler fails here, before any work
+    if not 0.0 <= longdoc <= 1.0 or (longdoc and tokenizer != "bytes"):
+        raise ValueError(f"passkey train: --longdoc must be a fraction in [0, 1] with the byte tokenizer, got {longdoc}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -250,9 +305,16 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         model.config.set_components(**{**VIEW_SETTINGS, **extra})
         if length < view_length(model.config) + 8:
             raise ValueError(f"--length {length} is below the longest compact view + answer ({view_length(model.config) + 8})")
+    hook = None
+    if select_weight:
+        from .selection import LeadQueries
+
+        if not view:
+            raise ValueError("passkey train: --select-weight trains the compressed cache's selection; it needs --view")
+        hook = LeadQueries(model)  # refuses a model without kv_lead_layer
     eval_length = 4 * length if view else length  # views: prompts long enough to have sealed blocks
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    losses, answer_losses, evals, multi_evals = [], [], [], []
+    losses, answer_losses, select_losses, evals, multi_evals = [], [], [], [], []
     bar = tqdm(range(steps), desc="passkey train", unit="step")
     for step in bar:
         warm = min(1.0, (step + 1) / 30)
@@ -263,11 +325,13 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         if gap_start:
             frac = max(0.0, (step - pose_after * steps) / max(1.0, (1 - pose_after) * steps))
             max_gap = int(gap_start * (max_position / gap_start) ** min(1.0, frac))
+        sources = [] if hook is not None else None
         ids, labels, pos, answer, *mask = training_batch(rng, batch, length, max_position, keys, pose=p,
                                                          min_length=min_length, tok=tok, max_gap=max_gap,
                                                          view=model.config if view else None, view_frac=view_frac,
                                                          view_source=view_source, with_mask=view and blind_recent,
-                                                         blind_first_layer=blind_first_layer, filler=filler)  # fmt: skip
+                                                         blind_first_layer=blind_first_layer, filler=filler,
+                                                         longdoc=longdoc, sources=sources)  # fmt: skip
         if mask:
             logits = masked_logits(model, ids, pos, mask[0])[:, :-1].float()  # (B, T-1, V)
         else:
@@ -277,6 +341,13 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
         lm = nll[target != IGNORE].mean()
         retr = nll[ans].mean()
         loss = lm + answer_weight * retr
+        if hook is not None:
+            from .selection import selection_loss
+
+            sel = selection_loss(model, hook, sources, max_rows=select_rows)
+            if sel is not None:
+                loss = loss + select_weight * sel
+                select_losses.append(sel.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -295,19 +366,24 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
             evals.append((step + 1, acc))
         post = dict(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
                     key=f"{sum(answer_losses[-20:]) / len(answer_losses[-20:]):.3f}")  # fmt: skip
+        if select_losses:
+            post["select"] = f"{sum(select_losses[-20:]) / len(select_losses[-20:]):.3f}"
         if evals:
             post["acc"] = f"{evals[-1][1]:.2f}"
         if multi_evals:
             post["multi"] = f"{multi_evals[-1][1]:.2f}"
         bar.set_postfix(post)
     model.eval()
+    if hook is not None:
+        hook.remove()
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if isinstance(tok, HFTokenizer):
         tok.tok.save_pretrained(out)
     log = {"tokenizer": tokenizer, "steps": steps, "batch": batch, "length": length, "lr": lr, "answer_weight": answer_weight,
            "pose": pose, "pose_after": pose_after, "view": view, "view_frac": view_frac, "blind_recent": blind_recent, "blind_first_layer": blind_first_layer, "init": init, "layers": model.config.num_hidden_layers, "lead_layer": model.config.compression.lead_layer, "losses": losses, "answer_losses": answer_losses,
-           "evals": evals, "multi_evals": multi_evals, "view_topk": model.config.compression.topk_blocks if view else None, "filler": filler}  # fmt: skip
+           "evals": evals, "multi_evals": multi_evals, "view_topk": model.config.compression.topk_blocks if view else None, "filler": filler,
+           "longdoc": longdoc, "select_weight": select_weight, "select_losses": select_losses}  # fmt: skip
     (Path(out) / "train_log.json").write_text(json.dumps(log))
     import matplotlib
 
@@ -317,6 +393,8 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].plot(losses, label="all bytes")
     ax[0].plot(answer_losses, label="key bytes of the answer", alpha=0.7)
+    if select_losses:
+        ax[0].plot(select_losses, label="selection (share off the needle's blocks)", alpha=0.7)
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("loss (nats/byte)")
     ax[0].set_yscale("log")
