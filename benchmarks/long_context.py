@@ -125,7 +125,11 @@ def _accuracy_job(job: tuple) -> tuple:
 
     kind, mode, length, i, keys, filler = job
     t = time.perf_counter()
-    if kind == "ppl":
+    if kind in ("variables", "clause"):
+        from deepseek.eval.passkey import longdoc_trial
+
+        value = longdoc_trial(_MODEL, kind, length, mode == "compressed", f"{length}-{kind}-{i}", _TOK, filler)
+    elif kind == "ppl":
         skip = _MODEL.config.compression.window + 2 * _MODEL.config.compression.block_size  # where the two caches start to differ
         value = long_perplexity(_MODEL, essay_ids(length, tok=_TOK), mode == "compressed", skip=skip)
     else:
@@ -144,6 +148,9 @@ def accuracy_phase(args, lengths: list[int]) -> dict:
                 jobs += [("passkey", mode, n, i, 1, filler) for i in range(args.passkey_trials)]
                 if args.multikey:
                     jobs += [("multikey", mode, n, i, args.multikey, filler) for i in range(args.multikey_trials)]
+                if filler != "repeat":  # long-document questions live in real prose
+                    jobs += [(kind, mode, n, i, 0, filler) for kind in ("variables", "clause")
+                             for i in range(args.longdoc_trials)]  # fmt: skip
     for n in args.ppl_lengths:
         jobs += [("ppl", mode, n, 0, 1, "essay") for mode in ("compressed", "full")]
     jobs.sort(key=lambda j: -j[2] * (4 if j[1] == "full" else 1))  # full prefill is quadratic
@@ -195,6 +202,16 @@ def accuracy_report(acc: dict, lengths: list[int], ppl_lengths: list[int], fille
             if row[0] is not None and row[1] is not None:
                 gaps.append(row[1] - row[0])
     result["passkey_max_drop_vs_full_points"] = round(100 * max(gaps), 1) if gaps else None
+    docs = [key for key in acc if key[0] in ("variables", "clause")]
+    if docs:
+        print(f"\n{'question':<10} {'filler':<16} {'length':>8} {'mode':<11} {'accuracy':>9} {'time to answer s (median)':>26}")
+    for kind, mode, n, filler in sorted(docs, key=lambda k: (k[0], k[3], k[2], k[1])):
+        v = acc[(kind, mode, n, filler)]
+        rate_, secs = sum(x["hit"] for x in v) / len(v), sorted(x["seconds"] for x in v)[len(v) // 2]
+        print(f"{kind:<10} {filler:<16} {n:>8} {mode:<11} {rate_:>9.1%} {secs:>26.2f}")
+        short = "comp" if mode == "compressed" else "full"
+        result[f"{n // 1024}k_{kind}_{short}_{filler}"] = round(rate_, 4)
+        result[f"{n // 1024}k_{kind}_{short}_{filler}_seconds"] = round(secs, 3)
     for n in ppl_lengths:
         c, f = acc[("ppl", "compressed", n, "essay")][0], acc[("ppl", "full", n, "essay")][0]
         print(f"perplexity {n}: compressed {c:.4f}, full {f:.4f} ({100 * (c / f - 1):+.2f}%)")
@@ -235,6 +252,8 @@ def main():
     parser.add_argument("--passkey-trials", type=int, default=10)
     parser.add_argument("--multikey", type=int, default=0, help="also the multi-key variant with N keys")
     parser.add_argument("--multikey-trials", type=int, default=10)
+    parser.add_argument("--longdoc-trials", type=int, default=0,
+                        help="with a real-prose filler: also this many variable-tracking and clause questions per cell")
     parser.add_argument("--fillers", default="repeat",
                         help='haystacks, comma-separated: "repeat" (Landmark), "essay", or a real-prose family of '
                              'deepseek.tasks.corpus (held out from training: package-readmes)')  # fmt: skip
