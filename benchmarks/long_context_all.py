@@ -24,8 +24,8 @@ alike), q_lora_rank 64, sliding_window 128, index 4 heads x 32, index_topk 512 (
 the first layer hash-routed (V4 has no dense-MLP layers; the FFN is a small part of a long-context step).
 Vocabulary 256 everywhere. What one decode step reads at long context: full, every position; sparse, 2048 latents
 after its indexer scored every position (I=32 per token); compressed, ~1.6K positions (sinks, 16 blocks, window)
-plus one mean per 64-token block; v4, the 128-token window plus 512 selected CSA entries (our V4 code scores
-every CSA entry and masks all but the 512) and every HCA entry (one per 128 tokens).
+plus one mean per 64-token block; v4, the 128-token window plus 512 selected CSA entries (its indexer scores
+every CSA entry, then the step gathers the 512 it chose) and every HCA entry (one per 128 tokens).
 
 Measurements, per (type, length), each in its own fresh process (multiprocessing spawn, so peak RSS is its own):
 - cache bytes: the sum of the bytes of every distinct tensor storage the cache object holds (walked, storages
