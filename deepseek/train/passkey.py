@@ -287,6 +287,9 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     tasks.Passkey(filler=filler)  # a bad filler fails here, before any work
     if not 0.0 <= longdoc <= 1.0 or (longdoc and tokenizer != "bytes"):
         raise ValueError(f"passkey train: --longdoc must be a fraction in [0, 1] with the byte tokenizer, got {longdoc}")
+    if select_weight < 0 or select_rows < 1 or (select_weight and not view):
+        raise ValueError(f"passkey train: --select-weight must be >= 0 and needs --view, --select-rows >= 1 "
+                         f"(got {select_weight}, {select_rows}, view={view})")  # fmt: skip
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -309,8 +312,6 @@ def train(out: str, steps: int = 600, batch: int = 8, length: int = 384, lr: flo
     if select_weight:
         from .selection import LeadQueries
 
-        if not view:
-            raise ValueError("passkey train: --select-weight trains the compressed cache's selection; it needs --view")
         hook = LeadQueries(model)  # refuses a model without kv_lead_layer
     eval_length = 4 * length if view else length  # views: prompts long enough to have sealed blocks
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))

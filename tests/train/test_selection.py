@@ -59,7 +59,7 @@ def test_selection_loss_training_raises_the_needles_share():
 
 
 def test_selection_training_needs_views_and_a_lead_layer(tmp_path):
-    with pytest.raises(ValueError, match="needs --view"):
+    with pytest.raises(ValueError, match="needs --view"):  # before the model is built
         train(str(tmp_path / "a"), steps=1, select_weight=1.0)
     model = R1ForCausalLM(small_config())
     with pytest.raises(ValueError, match="kv_lead_layer"):
