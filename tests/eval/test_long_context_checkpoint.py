@@ -106,3 +106,17 @@ def test_selected_key_says_whether_the_lead_layer_read_the_asked_key(one_thread)
     far = [j for j in range(cache.store[cache.lead].n_blocks) if abs(j - home[0]) > 3][:2]
     cache.lead_idx = torch.tensor([[far]])
     assert selected_key(prompt, key, cache, BYTES) is False
+
+
+def test_bundled_longdoc_model_finds_the_key_in_held_out_prose(one_thread):
+    from deepseek import R1ForCausalLM
+    from deepseek.compat.checkpoint import resolve
+    from deepseek.eval.passkey import BYTES, passkey_trial
+    from deepseek.tasks.corpus import HELD_OUT
+
+    model = R1ForCausalLM.from_pretrained("deepseek/longdoc-128k").eval()
+    assert model.config.compression.lead_layer == 1 and model.config.compression.topk_blocks == 4
+    assert not (resolve("deepseek/longdoc-128k") / "tokenizer.json").exists()  # bytes
+    trials = [passkey_trial(model, 6000, True, f"bundled-{i}", 1, BYTES, HELD_OUT) for i in range(4)]
+    assert all(t["selected"] is True for t in trials), trials  # selection training: the needle's run is chosen
+    assert sum(t["hit"] for t in trials) >= 3, trials
