@@ -41,7 +41,7 @@ def test_selection_loss_training_raises_the_needles_share():
     hook = LeadQueries(model)
     sources: list = []
     ids, labels, pos, answer = training_batch(random.Random(4), 4, 544, 131072, keys=4, pose=0, view=model.config,
-                                              filler="train", sources=sources)  # fmt: skip
+                                              view_source=(1024, 2048), filler="train", sources=sources)  # fmt: skip
     assert sum(s is not None for s in sources) >= 2
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
