@@ -18,7 +18,6 @@ import re
 import string
 
 from .base import Task, clean_answer
-from .passkey import INTRO
 
 TOPICS = [("notice period", "days"), ("payment term", "days"), ("liability cap", "thousand euros"),
           ("renewal term", "months"), ("late fee", "percent"), ("warranty period", "months"),
@@ -78,27 +77,7 @@ class LongDocument(Task):
 
     def make_example(self, rng: random.Random, difficulty: int) -> dict:
         needles, question, answer, must = self._needles(rng)
-        hay = self.haystack
-        fixed = hay.count(" ".join([INTRO, *needles, question]))
-        depths = sorted(rng.random() for _ in needles)
-        unit_seed = rng.random()
-        per_unit = max(1, hay.count(" ".join(hay._units(random.Random(unit_seed), 64))) // 64)
-        n_units = max(0, (difficulty - fixed) // per_unit)
-        while True:
-            units = hay._units(random.Random(unit_seed), n_units)
-            slots = [min(n_units, round(d * n_units)) for d in depths]
-            parts, k = [INTRO], 0
-            for i in range(n_units + 1):
-                while k < len(needles) and slots[k] == i:
-                    parts.append(needles[k])
-                    k += 1
-                if i < n_units:
-                    parts.append(units[i])
-            prompt = " ".join(parts) + "\n" + question
-            length = hay.count(prompt)
-            if length <= difficulty or n_units == 0:
-                break
-            n_units = max(0, n_units - max(1, (length - difficulty) // per_unit))
+        prompt, length, _ = self.haystack.haystack(rng, needles, question, difficulty)
         spans, others = [], []
         for j, needle in enumerate(needles):
             start = prompt.index(needle)

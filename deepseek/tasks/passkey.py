@@ -69,13 +69,9 @@ class Passkey(Task):
         start = rng.randrange(len(sentences))
         return [sentences[(start + i) % len(sentences)].strip() for i in range(n)]
 
-    def make_example(self, rng: random.Random, difficulty: int) -> dict:
-        names = rng.sample(NAMES, self.num_keys) if self.num_keys > 1 else [None]
-        keys = [rng.randint(10000, 99999) for _ in names]
-        query = rng.randrange(len(names))
-        needles = [f"The pass key{f' for {nm}' if nm else ''} is {k}. Remember it. {k} is the pass key"
-                   f"{f' for {nm}' if nm else ''}." for nm, k in zip(names, keys)]  # fmt: skip
-        question = f"What is the pass key{f' for {names[query]}' if names[query] else ''}?"
+    def haystack(self, rng: random.Random, needles: list[str], question: str, difficulty: int):
+        """INTRO, the filler with the needles (in order) at random depths, then the question, shrunk until it fits
+        `difficulty` tokens. Returns (prompt, its length, the needles' depths in [0, 1])."""
         fixed = self.count(" ".join([INTRO, *needles, question]))
         depths = sorted(rng.random() for _ in needles)
         unit_rng_seed = rng.random()
@@ -96,8 +92,17 @@ class Passkey(Task):
             prompt = " ".join(parts) + "\n" + question
             length = self.count(prompt)
             if length <= difficulty or n_units == 0:
-                break
+                return prompt, length, depths
             n_units = max(0, n_units - max(1, (length - difficulty) // per_unit))
+
+    def make_example(self, rng: random.Random, difficulty: int) -> dict:
+        names = rng.sample(NAMES, self.num_keys) if self.num_keys > 1 else [None]
+        keys = [rng.randint(10000, 99999) for _ in names]
+        query = rng.randrange(len(names))
+        needles = [f"The pass key{f' for {nm}' if nm else ''} is {k}. Remember it. {k} is the pass key"
+                   f"{f' for {nm}' if nm else ''}." for nm, k in zip(names, keys)]  # fmt: skip
+        question = f"What is the pass key{f' for {names[query]}' if names[query] else ''}?"
+        prompt, length, depths = self.haystack(rng, needles, question, difficulty)
         key, name = keys[query], names[query]
         needle = needles[query].split(" Remember it.")[0]
         reasoning = (f"I look through the text for the pass key{f' for {name}' if name else ''}.\n"
