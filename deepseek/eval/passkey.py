@@ -124,20 +124,14 @@ def passkey_trial(model, length: int, compressed: bool, seed, keys: int = 1, tok
     ids = prompt[None]
     cache = make_cache(model.config, 1, ids.shape[1] + len(key) + 1, compressed=compressed)
     chunk = model.config.prefill_chunk if compressed else 256
-    if compressed and cache.lead is not None:  # prefill first, to see what the lead layer selected for the answer
-        from deepseek.model.longctx.prefill import chunked_prefill
+    found = []  # after the prefill (step 0, before any decoding step): what the lead layer selected for the answer
 
-        nxt_B = chunked_prefill(model, ids, cache).argmax(-1)  # (1,) greedy, as generate decodes
-        found = selected_key(prompt, key, cache, tok)
-        out = [int(nxt_B)]
-        for i in range(len(key) - 1):
-            pos = torch.tensor([[ids.shape[1] + i]])
-            h = model.model(input_ids=nxt_B[:, None], position_ids=pos, cache=cache).last_hidden_state
-            nxt_B = model.lm_head(h[:, -1]).argmax(-1)
-            out.append(int(nxt_B))
-    else:
-        found = None
-        out = generate(model, ids, max_new_tokens=len(key), cache=cache, prefill_chunk=chunk).new_tokens[0]
+    def after_prefill(step, _tokens):
+        if step == 0 and compressed and cache.lead is not None:
+            found.append(selected_key(prompt, key, cache, tok))
+
+    out = generate(model, ids, max_new_tokens=len(key), cache=cache, prefill_chunk=chunk, on_token=after_prefill)
+    out, found = out.new_tokens[0], (found or [None])[0]
     answer = tok.decode(out)
     return {"hit": answer == key, "answer": answer, "key": key, "selected": found}
 

@@ -33,7 +33,7 @@ from ..model.longctx.learned import block_summary, score_blocks
 
 
 class LeadQueries:
-    """Forward hook on the lead layer's attention: keeps its (x, cos, sin) of the latest forward."""
+    """Forward hook on the lead layer's attention: keeps its input x (B, T, D) of the latest forward."""
 
     def __init__(self, model):
         layer = model.config.compression.lead_layer
@@ -44,7 +44,7 @@ class LeadQueries:
         self.handle = self.attn.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output):
-        self.inputs = args[:3]
+        self.inputs = args[0]
 
     def remove(self):
         self.handle.remove()
@@ -84,15 +84,10 @@ def selection_loss(model, hook: LeadQueries, rows: list[dict | None], max_rows: 
     "decode": [view positions]}; None when no row has one. max_rows: at most that many rows' spans (the first)."""
     config = model.config
     b, sink = config.compression.block_size, config.compression.sink_blocks * config.compression.block_size
-    x, cos, sin = hook.inputs
-    attn = hook.attn
-    _, q_nope, q_pe = attn.queries(x, cos, sin)
-    w_uk_HNC, _ = attn.absorbed_weights()
-    q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk_HNC)
-    T = x.shape[1]
-    shift = torch.arange(T)[None] - sink  # the selection query's rope position: p - sinks
-    cos_s, sin_s = model.model.rotary_emb(shift.clamp(min=0), x.dtype)
-    _, _, q_pe_sel = attn.queries(x, cos_s, sin_s)
+    x, attn = hook.inputs, hook.attn  # view rows sit at positions 0..T-1 (no PoSE gap)
+    shift = torch.arange(x.shape[1])[None] - sink  # the selection query's rope position: p - sinks
+    _, q_nope, q_pe_sel = attn.queries(x, *model.model.rotary_emb(shift.clamp(min=0), x.dtype))
+    q_lat = torch.einsum("bthn,hnc->bthc", q_nope, attn.absorbed_weights()[0])
     q_BTHK = torch.cat((q_lat, q_pe_sel), -1)
     losses, used = [], 0
     for i, row in enumerate(rows):

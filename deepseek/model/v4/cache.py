@@ -31,8 +31,7 @@ class CompressorState:
     pending_kv: torch.Tensor | None = None  # (B, < m, F2) projections of an unfinished window
     pending_gate: torch.Tensor | None = None
     overlap: tuple[torch.Tensor, torch.Tensor] | None = None  # CSA: last window's first half (kv, gate+bias)
-    entries: torch.Tensor | None = None  # (B, W, F): a view of the first W rows of buffer
-    buffer: torch.Tensor | None = None  # (B, capacity, F)
+    buffer: torch.Tensor | None = None  # (B, capacity, F): the first `count` rows are the entries
     count: int = 0  # entries emitted
 
 
@@ -85,10 +84,9 @@ class V4Cache:
             s.buffer = grown
         s.buffer[:, s.count : n] = entries_BWF
         s.count = n
-        s.entries = s.buffer[:, :n]
         if overlap is not None:
             s.overlap = overlap
-        return s.entries
+        return s.buffer[:, :n]
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held: the windows, the compressed entries, the indexer keys, and the pending / overlap state."""
